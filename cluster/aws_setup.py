@@ -1,0 +1,238 @@
+"""One-time AWS setup that cluster/aws.yaml relies on: a security group and two instance profiles.
+
+Ray's launcher cannot be told to do either safely: a security group it creates always gets
+SSH open to 0.0.0.0/0 (rules in ``provider.security_group`` are added next to that rule, not
+instead of it), and the worker nodes it starts get no IAM role, so they could not write Tune
+results to S3. This script creates both, idempotently:
+
+- security group ``raykd-cluster``: SSH from one CIDR, all traffic between its members,
+  nothing else (so the dashboard 8265, GCS 6379 and client port 10001 stay cluster-internal);
+- instance profile ``raykd-head``: what Ray's default head role has (EC2 full access) plus
+  read/write on the results bucket and permission to pass ``raykd-worker`` to the workers
+  it launches;
+- instance profile ``raykd-worker``: read/write on the results bucket, nothing else.
+
+Usage (run again whenever your IP changes; it replaces the SSH rule):
+
+    python cluster/aws_setup.py --region us-east-2 --ssh-cidr 203.0.113.7/32 --bucket my-raykd-results
+
+It prints the security group id to paste into cluster/aws.yaml.
+"""
+import argparse
+import ipaddress
+import json
+import re
+
+import boto3
+
+SECURITY_GROUP_NAME = "raykd-cluster"
+HEAD_PROFILE = "raykd-head"
+WORKER_PROFILE = "raykd-worker"
+# Ray's own default head role has exactly this managed policy for launching workers.
+EC2_FULL_ACCESS = "arn:aws:iam::aws:policy/AmazonEC2FullAccess"
+EC2_TRUST_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole",
+        }
+    ],
+}
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def ssh_network(ssh_cidr):
+    """Parse ``ssh_cidr``; refuse anything malformed or the whole internet (a /0)."""
+    try:
+        network = ipaddress.ip_network(ssh_cidr, strict=True)
+    except ValueError as error:
+        raise ValueError(f"--ssh-cidr {ssh_cidr!r} is not a CIDR block: {error}") from None
+    if network.prefixlen == 0:
+        raise ValueError(
+            f"--ssh-cidr {ssh_cidr!r} opens SSH to the whole internet; give your own IP/32"
+        )
+    return network
+
+
+def results_bucket_policy(bucket):
+    """IAM policy document allowing Tune to list, read, write and delete in ``bucket``."""
+    if not BUCKET_NAME.match(bucket):
+        raise ValueError(f"--bucket {bucket!r} is not a valid S3 bucket name")
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                "Resource": f"arn:aws:s3:::{bucket}",
+            },
+            {
+                "Effect": "Allow",
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                ],
+                "Resource": f"arn:aws:s3:::{bucket}/*",
+            },
+        ],
+    }
+
+
+def _ingress_atoms(ip_permissions):
+    """Split EC2 ingress permissions into (protocol, from_port, to_port, (source kind, source))."""
+    source_lists = {
+        "IpRanges": "CidrIp",
+        "Ipv6Ranges": "CidrIpv6",
+        "UserIdGroupPairs": "GroupId",
+        "PrefixListIds": "PrefixListId",
+    }
+    atoms = set()
+    for permission in ip_permissions:
+        protocol = permission["IpProtocol"]
+        # "All traffic" rules carry no ports (some API answers spell them -1).
+        if protocol == "-1":
+            ports = (protocol, None, None)
+        else:
+            ports = (protocol, permission.get("FromPort"), permission.get("ToPort"))
+        for list_key, kind in source_lists.items():
+            for source in permission.get(list_key, []):
+                atoms.add((*ports, (kind, source[kind])))
+    return atoms
+
+
+def _permission(atom):
+    """Turn one atom from ``_ingress_atoms`` back into an EC2 IpPermission."""
+    protocol, from_port, to_port, (kind, source) = atom
+    list_key = {
+        "CidrIp": "IpRanges",
+        "CidrIpv6": "Ipv6Ranges",
+        "GroupId": "UserIdGroupPairs",
+        "PrefixListId": "PrefixListIds",
+    }[kind]
+    permission = {"IpProtocol": protocol, list_key: [{kind: source}]}
+    if from_port is not None:
+        permission.update(FromPort=from_port, ToPort=to_port)
+    return permission
+
+
+def ensure_security_group(ec2, ssh_cidr, vpc_id=None):
+    """Create or update ``raykd-cluster`` so its ingress is exactly SSH from ``ssh_cidr``
+    plus all traffic from its own members; return the group id.
+
+    ``ec2`` is a boto3 EC2 client; ``vpc_id`` defaults to the region's default VPC.
+    """
+    network = ssh_network(ssh_cidr)
+    if vpc_id is None:
+        vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise ValueError("this region has no default VPC; pass --vpc-id")
+        vpc_id = vpcs[0]["VpcId"]
+    found = ec2.describe_security_groups(
+        Filters=[
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "group-name", "Values": [SECURITY_GROUP_NAME]},
+        ]
+    )["SecurityGroups"]
+    if found:
+        group_id, current = found[0]["GroupId"], _ingress_atoms(found[0]["IpPermissions"])
+    else:
+        group_id = ec2.create_security_group(
+            GroupName=SECURITY_GROUP_NAME,
+            Description="raykd Ray cluster: SSH from one CIDR, all traffic between members",
+            VpcId=vpc_id,
+        )["GroupId"]
+        current = set()
+
+    cidr_kind = "CidrIp" if network.version == 4 else "CidrIpv6"
+    wanted = {
+        ("tcp", 22, 22, (cidr_kind, str(network))),
+        ("-1", None, None, ("GroupId", group_id)),
+    }
+    # Revoke only what is not wanted, so running clusters keep their intra-group rule.
+    stale, missing = current - wanted, wanted - current
+    if stale:
+        ec2.revoke_security_group_ingress(
+            GroupId=group_id, IpPermissions=[_permission(atom) for atom in sorted(stale, key=str)]
+        )
+    if missing:
+        ec2.authorize_security_group_ingress(
+            GroupId=group_id,
+            IpPermissions=[_permission(atom) for atom in sorted(missing, key=str)],
+        )
+    return group_id
+
+
+def _ensure_role_with_profile(iam, name):
+    """Create role ``name`` (assumable by EC2) and the instance profile holding it; return the role ARN."""
+    try:
+        role_arn = iam.get_role(RoleName=name)["Role"]["Arn"]
+    except iam.exceptions.NoSuchEntityException:
+        role_arn = iam.create_role(
+            RoleName=name, AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY)
+        )["Role"]["Arn"]
+    try:
+        profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    except iam.exceptions.NoSuchEntityException:
+        profile = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+    if name not in [role["RoleName"] for role in profile["Roles"]]:
+        iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+    return role_arn
+
+
+def ensure_instance_profiles(iam, bucket):
+    """Create or update the ``raykd-head`` and ``raykd-worker`` instance profiles for ``bucket``.
+
+    ``iam`` is a boto3 IAM client. Returns ``{"head": name, "worker": name}``.
+    """
+    bucket_policy = json.dumps(results_bucket_policy(bucket))
+    worker_role_arn = _ensure_role_with_profile(iam, WORKER_PROFILE)
+    iam.put_role_policy(RoleName=WORKER_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy)
+
+    _ensure_role_with_profile(iam, HEAD_PROFILE)
+    iam.attach_role_policy(RoleName=HEAD_PROFILE, PolicyArn=EC2_FULL_ACCESS)
+    iam.put_role_policy(RoleName=HEAD_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy)
+    # EC2 refuses to launch an instance with a role the launcher may not pass.
+    pass_worker_role = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "iam:PassRole", "Resource": worker_role_arn}],
+    }
+    iam.put_role_policy(
+        RoleName=HEAD_PROFILE,
+        PolicyName="raykd-launch-workers",
+        PolicyDocument=json.dumps(pass_worker_role),
+    )
+    return {"head": HEAD_PROFILE, "worker": WORKER_PROFILE}
+
+
+def main(argv=None):
+    """Command line: set up the security group and instance profiles, print what to paste."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--region", required=True, help="AWS region, as in cluster/aws.yaml")
+    parser.add_argument("--ssh-cidr", required=True, help="who may SSH in, e.g. your IP/32")
+    parser.add_argument("--bucket", required=True, help="S3 bucket the sweep writes to")
+    parser.add_argument("--vpc-id", help="VPC for the security group (default: the default VPC)")
+    args = parser.parse_args(argv)
+
+    # Validate both inputs before touching the account.
+    ssh_network(args.ssh_cidr)
+    results_bucket_policy(args.bucket)
+    group_id = ensure_security_group(
+        boto3.client("ec2", region_name=args.region), args.ssh_cidr, args.vpc_id
+    )
+    profiles = ensure_instance_profiles(boto3.client("iam", region_name=args.region), args.bucket)
+    print(
+        f"security group {group_id} ({SECURITY_GROUP_NAME}): SSH from {args.ssh_cidr}, "
+        "all traffic between cluster nodes, nothing else\n"
+        f"instance profiles: {profiles['head']} (head), {profiles['worker']} (workers), "
+        f"read/write on s3://{args.bucket}\n"
+        "Put the group id into cluster/aws.yaml:\n"
+        f"      SecurityGroupIds: &cluster_security_group [{group_id}]"
+    )
+
+
+if __name__ == "__main__":
+    main()

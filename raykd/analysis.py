@@ -1,0 +1,563 @@
+"""Sweep results as pandas DataFrames, the paper's tables, figures and a report.
+
+A sweep folder holds `results.parquet` (one row per pretraining trial),
+`study.json` (the evaluation tasks and the preset) and `curves.parquet`
+(per-step training curves). Everything here reads only those files, so a
+finished sweep can be analysed wherever pandas runs.
+
+A grid cell is (budget_unit, budget, repetition): strategies are compared
+within a cell, and seeds are what the mean and std run over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+STRATEGY_ORDER = ("scratch", "vanilla_kd", "tinybert", "minilm")
+STRATEGY_COLOURS = {
+    "scratch": "tab:gray",
+    "vanilla_kd": "tab:blue",
+    "tinybert": "tab:orange",
+    "minilm": "tab:green",
+}
+# Used when a sweep folder has no study.json: the embedded synthetic tasks and GLUE.
+KNOWN_TASKS = (
+    "syn_cola", "syn_topic", "syn_para", "syn_nli", "syn_sts",
+    "cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "stsb",
+)
+RESULT_COLUMNS = (
+    "trial_id", "strategy", "budget", "budget_unit", "repetition", "seed",
+    "flops", "tokens", "device_seconds", "unique_tokens", "epochs", "steps",
+    "lr", "mlm_val_loss", "glue_score", "checkpoint",
+)
+CURVE_COLUMNS = ("trial_id", "step", "budget_fraction", "mlm_val_loss")
+CELL = ["budget_unit", "budget", "repetition"]
+
+FIGURE_DPI = 120
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_results(*dirs: str | os.PathLike) -> pd.DataFrame:
+    """One row per pretraining trial from one or several sweep folders.
+
+    Adds a `sweep` column (the folder's name, or its path where two names
+    clash) and records the evaluation tasks in `df.attrs["tasks"]`.
+    Raises FileNotFoundError naming a missing results.parquet, and
+    ValueError naming a missing column and its file.
+    """
+    folders = _folders(dirs)
+    frames, tasks = [], []
+    for folder, sweep in zip(folders, _sweep_names(folders)):
+        path = folder / "results.parquet"
+        frame = _read_parquet(path, RESULT_COLUMNS)
+        sweep_tasks = _study_tasks(folder)
+        if sweep_tasks is None:
+            sweep_tasks = [task for task in KNOWN_TASKS if task in frame.columns]
+        for task in sweep_tasks:
+            if task not in frame.columns:
+                raise ValueError(f"{path}: missing column {task!r} (a task listed in study.json)")
+        frame.insert(0, "sweep", sweep)
+        frames.append(frame)
+        tasks += [task for task in sweep_tasks if task not in tasks]
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs["tasks"] = tasks
+    return df
+
+
+def load_curves(*dirs: str | os.PathLike) -> pd.DataFrame:
+    """Per-step training curves from one or several sweep folders, with a `sweep` column."""
+    folders = _folders(dirs)
+    frames = []
+    for folder, sweep in zip(folders, _sweep_names(folders)):
+        frame = _read_parquet(folder / "curves.parquet", CURVE_COLUMNS)
+        frame.insert(0, "sweep", sweep)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def task_columns(source: pd.DataFrame | str | os.PathLike) -> list[str]:
+    """The evaluation-task columns of a results DataFrame or a sweep folder.
+
+    Taken from study.json (or the DataFrame's `attrs["tasks"]` set by
+    `load_results`); without it, the known task names present as columns.
+    """
+    if isinstance(source, pd.DataFrame):
+        columns = list(source.columns)
+        tasks = source.attrs.get("tasks")
+    else:
+        folder = Path(source)
+        tasks = _study_tasks(folder)
+        path = folder / "results.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results file: {path}")
+        columns = pq.read_schema(path).names
+    if tasks is None:
+        return [task for task in KNOWN_TASKS if task in columns]
+    return [task for task in tasks if task in columns]
+
+
+def _folders(dirs) -> list[Path]:
+    if not dirs:
+        raise ValueError("no sweep folder given")
+    return [Path(d) for d in dirs]
+
+
+def _sweep_names(folders: list[Path]) -> list[str]:
+    names = [folder.resolve().name for folder in folders]
+    if len(set(names)) < len(names):
+        return [str(folder) for folder in folders]
+    return names
+
+
+def _read_parquet(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({error})") from error
+    for column in required:
+        if column not in frame.columns:
+            raise ValueError(f"{path}: missing column {column!r}")
+    if frame.empty:
+        raise ValueError(f"{path}: no rows")
+    return frame
+
+
+def _study(folder: Path) -> dict | None:
+    """study.json of a sweep folder (None when absent), its task list checked."""
+    path = folder / "study.json"
+    if not path.is_file():
+        return None
+    try:
+        study = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    tasks = study.get("tasks") if isinstance(study, dict) else None
+    if not isinstance(tasks, list) or not all(isinstance(task, str) for task in tasks):
+        raise ValueError(f"{path}: 'tasks' must be a list of task column names")
+    return study
+
+
+def _study_tasks(folder: Path) -> list[str] | None:
+    study = _study(folder)
+    return None if study is None else study["tasks"]
+
+
+def _require(df: pd.DataFrame, columns: list[str]) -> None:
+    for column in columns:
+        if column not in df.columns:
+            raise ValueError(f"results have no column {column!r}")
+
+
+def _strategies(values) -> list[str]:
+    """Strategies present, in the study's order; unknown ones after, alphabetically."""
+    present = set(values)
+    known = [name for name in STRATEGY_ORDER if name in present]
+    return known + sorted(present - set(STRATEGY_ORDER))
+
+
+def _ordered(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose `strategy` sorts in the study's order."""
+    df = df.copy()
+    df["strategy"] = pd.Categorical(df["strategy"], categories=_strategies(df["strategy"]))
+    return df
+
+
+def _colour(strategy: str) -> str | None:
+    return STRATEGY_COLOURS.get(strategy)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def paper_table(df: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """The paper's table: mean and std over seeds per cell and strategy.
+
+    Index: (budget_unit, budget, repetition, strategy), strategies in the
+    order scratch, vanilla_kd, tinybert, minilm. Columns: (metric, "mean")
+    and (metric, "std") for each task and glue_score, then ("n_seeds", "").
+    The std is NaN for a single seed.
+    """
+    tasks = task_columns(df) if tasks is None else list(tasks)
+    metrics = tasks + ["glue_score"]
+    _require(df, CELL + ["strategy"] + metrics)
+    grouped = _ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)
+    table = grouped[metrics].agg(["mean", "std"])
+    table[("n_seeds", "")] = grouped.size()
+    return table
+
+
+def kd_gain(df: pd.DataFrame, metric: str = "glue_score") -> pd.DataFrame:
+    """Each KD strategy's mean `metric` minus scratch's mean in the same cell.
+
+    One row per (budget_unit, budget, repetition, strategy != scratch) with
+    `gain` (NaN where the cell has no scratch trial), `gain_std` (std of the
+    per-seed differences; NaN unless both sides have the same two or more
+    seeds), the two means, `n_seeds` and `n_scratch_seeds`.
+    """
+    _require(df, CELL + ["strategy", "seed", metric])
+    pair_key = ["sweep", "seed"] if "sweep" in df.columns else ["seed"]
+    rows = []
+    for cell, frame in df.groupby(CELL, sort=True):
+        scratch = frame[frame["strategy"] == "scratch"]
+        for strategy in _strategies(frame["strategy"]):
+            if strategy == "scratch":
+                continue
+            student = frame[frame["strategy"] == strategy]
+            rows.append({
+                **dict(zip(CELL, cell)),
+                "strategy": strategy,
+                "gain": student[metric].mean() - scratch[metric].mean(),
+                "gain_std": _paired_std(student, scratch, pair_key, metric),
+                metric: student[metric].mean(),
+                f"scratch_{metric}": scratch[metric].mean(),
+                "n_seeds": len(student),
+                "n_scratch_seeds": len(scratch),
+            })
+    columns = CELL + ["strategy", "gain", "gain_std", metric, f"scratch_{metric}",
+                      "n_seeds", "n_scratch_seeds"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _paired_std(student: pd.DataFrame, scratch: pd.DataFrame, key: list[str], metric: str) -> float:
+    student_scores = student.set_index(key)[metric]
+    scratch_scores = scratch.set_index(key)[metric]
+    paired = (
+        len(student_scores) >= 2
+        and student_scores.index.is_unique
+        and scratch_scores.index.is_unique
+        and set(student_scores.index) == set(scratch_scores.index)
+    )
+    if not paired:
+        return float("nan")
+    return float((student_scores - scratch_scores.reindex(student_scores.index)).std(ddof=1))
+
+
+def format_table(table: pd.DataFrame, digits: int = 1) -> str:
+    """A `paper_table` as markdown, each score written "mean ± std"."""
+    metrics = [name for name in table.columns.get_level_values(0).unique() if name != "n_seeds"]
+    header = ["budget", "repetition", "strategy"] + [_metric_label(m) for m in metrics] + ["seeds"]
+    rows = []
+    for (unit, budget, repetition, strategy), row in table.iterrows():
+        scores = [_mean_std(row[(m, "mean")], row[(m, "std")], digits) for m in metrics]
+        rows.append([_budget_label(budget, unit), f"{repetition:g}", strategy]
+                    + scores + [str(int(row[("n_seeds", "")]))])
+    return _markdown(header, rows)
+
+
+def format_gain(gain: pd.DataFrame, digits: int = 1) -> str:
+    """A `kd_gain` table as markdown: gain ± std of paired differences."""
+    metric = next(column for column in gain.columns if f"scratch_{column}" in gain.columns)
+    header = ["budget", "repetition", "strategy", "gain", _metric_label(metric),
+              f"scratch {_metric_label(metric)}", "seeds", "scratch seeds"]
+    rows = [
+        [_budget_label(row.budget, row.budget_unit), f"{row.repetition:g}", row.strategy,
+         _mean_std(row.gain, row.gain_std, digits, signed=True),
+         _number(row[metric], digits), _number(row[f"scratch_{metric}"], digits),
+         str(row.n_seeds), str(row.n_scratch_seeds)]
+        for _, row in gain.iterrows()
+    ]
+    return _markdown(header, rows)
+
+
+def _compute_markdown(df: pd.DataFrame) -> str:
+    """Budget accounting per cell and strategy (means over seeds)."""
+    columns = {
+        "tokens": ("tokens seen", "{:.3g}"),
+        "unique_tokens": ("unique tokens", "{:.3g}"),
+        "epochs": ("passes", "{:.2f}"),
+        "steps": ("steps", "{:.0f}"),
+        "flops": ("FLOPs", "{:.3g}"),
+        "device_seconds": ("device s", "{:.1f}"),
+        "lr": ("lr", "{:.2g}"),
+        "mlm_val_loss": ("MLM val loss", "{:.3f}"),
+    }
+    means = _ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)[list(columns)].mean()
+    header = ["budget", "repetition", "strategy"] + [label for label, _ in columns.values()]
+    rows = [
+        [_budget_label(budget, unit), f"{repetition:g}", strategy]
+        + [("–" if pd.isna(row[c]) else fmt.format(row[c])) for c, (_, fmt) in columns.items()]
+        for (unit, budget, repetition, strategy), row in means.iterrows()
+    ]
+    return _markdown(header, rows)
+
+
+def _metric_label(metric: str) -> str:
+    return "GLUE" if metric == "glue_score" else metric
+
+
+def _budget_label(budget: float, unit: str) -> str:
+    return f"{budget:g} {unit}"
+
+
+def _number(value: float, digits: int) -> str:
+    return "–" if pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(mean: float, std: float, digits: int, signed: bool = False) -> str:
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if pd.isna(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+# Figures are built on matplotlib's Figure class directly (Agg canvas, no
+# pyplot), so importing this module never changes a notebook's backend.
+
+
+def plot_glue_vs_budget(df: pd.DataFrame, out_dir: str | os.PathLike, metric: str = "glue_score") -> Path:
+    """GLUE score (mean ± std over seeds) against budget, a line per strategy,
+    a panel per repetition (a row per budget unit); log x. Returns the PNG path."""
+    _require(df, CELL + ["strategy", metric])
+    summary = _cell_summary(df, metric)
+    units = sorted(summary["budget_unit"].unique())
+    repetitions = sorted(summary["repetition"].unique())
+    fig = Figure(figsize=(1.0 + 3.6 * len(repetitions), 0.6 + 3.0 * len(units)), layout="constrained")
+    axes = fig.subplots(len(units), len(repetitions), squeeze=False, sharey=True)
+    for i, unit in enumerate(units):
+        for j, repetition in enumerate(repetitions):
+            ax = axes[i][j]
+            panel = summary[(summary["budget_unit"] == unit) & (summary["repetition"] == repetition)]
+            ax.set_title(f"repetition {repetition:g}")
+            if panel.empty:
+                _no_data(ax, "no trials")
+                continue
+            for strategy, line in panel.groupby("strategy", observed=True, sort=True):
+                ax.errorbar(line["budget"], line["mean"], yerr=line["std"].fillna(0.0), marker="o",
+                            capsize=3, label=strategy, color=_colour(strategy))
+            budgets = sorted(panel["budget"].unique())
+            ax.set_xscale("log")
+            ax.set_xticks(budgets, labels=[f"{b:g}" for b in budgets])
+            ax.minorticks_off()
+            ax.set_xlabel(f"budget ({unit})")
+        axes[i][0].set_ylabel(f"{_metric_label(metric)} score")
+    _legend(fig, axes)
+    return _save(fig, Path(out_dir) / "glue_vs_budget.png")
+
+
+def plot_kd_gain(df: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
+    """KD gain over scratch (GLUE points) against repetition, a line per KD
+    strategy, a panel per budget; error bars are paired-seed stds. Returns the PNG path."""
+    gain = kd_gain(df).dropna(subset=["gain"])
+    cells = sorted(set(zip(df["budget_unit"], df["budget"])))
+    fig = Figure(figsize=(1.0 + 3.6 * len(cells), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(cells), squeeze=False, sharey=True)
+    for j, (unit, budget) in enumerate(cells):
+        ax = axes[0][j]
+        ax.set_title(f"budget {_budget_label(budget, unit)}")
+        panel = gain[(gain["budget_unit"] == unit) & (gain["budget"] == budget)]
+        if panel.empty:
+            _no_data(ax, "no scratch and KD trials\nin the same cell")
+            continue
+        for strategy in _strategies(panel["strategy"]):
+            line = panel[panel["strategy"] == strategy].sort_values("repetition")
+            ax.errorbar(line["repetition"], line["gain"], yerr=line["gain_std"].fillna(0.0), marker="o",
+                        capsize=3, label=strategy, color=_colour(strategy))
+        repetitions = sorted(panel["repetition"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(repetitions, labels=[f"{r:g}" for r in repetitions])
+        ax.minorticks_off()
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xlabel("repetition (passes over the pool by scratch)")
+    axes[0][0].set_ylabel("GLUE gain over scratch")
+    _legend(fig, axes)
+    return _save(fig, Path(out_dir) / "kd_gain.png")
+
+
+def plot_tokens_and_passes(df: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
+    """Tokens seen and passes over the unique pool (means over seeds) as
+    grouped bars: a group per (budget, repetition), a bar per strategy. Returns the PNG path."""
+    _require(df, CELL + ["strategy", "tokens", "epochs"])
+    means = (_ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)[["tokens", "epochs"]]
+             .mean().reset_index())
+    groups = sorted(set(zip(means["budget_unit"], means["budget"], means["repetition"])))
+    strategies = _strategies(means["strategy"].astype(str))
+    width = 0.8 / len(strategies)
+    fig = Figure(figsize=(2.0 + 1.1 * len(groups) * max(1, len(strategies) / 3), 5.6), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True, squeeze=False)
+    for k, strategy in enumerate(strategies):
+        rows = means[means["strategy"] == strategy]
+        offsets = {key: i for i, key in enumerate(groups)}
+        x = np.array([offsets[key] for key in zip(rows["budget_unit"], rows["budget"], rows["repetition"])])
+        x = x + (k - (len(strategies) - 1) / 2) * width
+        axes[0][0].bar(x, rows["tokens"], width, label=strategy, color=_colour(strategy))
+        axes[1][0].bar(x, rows["epochs"], width, label=strategy, color=_colour(strategy))
+    axes[0][0].set_ylabel("tokens seen")
+    axes[1][0].set_ylabel("passes (epochs)")
+    axes[1][0].set_xticks(range(len(groups)),
+                          labels=[f"{_budget_label(b, u)}\nrepetition {r:g}" for u, b, r in groups])
+    _legend(fig, axes)
+    return _save(fig, Path(out_dir) / "tokens_and_passes.png")
+
+
+def plot_mlm_curves(curves: pd.DataFrame, df: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
+    """MLM validation loss against the fraction of budget spent, a line per
+    trial coloured by strategy, a panel per (budget, repetition). Returns the PNG path."""
+    key = ["sweep", "trial_id"] if "sweep" in curves.columns and "sweep" in df.columns else ["trial_id"]
+    trials = df[key + CELL + ["strategy"]]
+    points = curves[key + ["step", "budget_fraction", "mlm_val_loss"]].dropna(subset=["mlm_val_loss"])
+    points = points.merge(trials, on=key, how="inner")
+    budgets = sorted(set(zip(df["budget_unit"], df["budget"])))
+    repetitions = sorted(df["repetition"].unique())
+    fig = Figure(figsize=(1.0 + 3.6 * len(repetitions), 0.6 + 3.0 * len(budgets)), layout="constrained")
+    axes = fig.subplots(len(budgets), len(repetitions), squeeze=False, sharex=True)
+    for i, (unit, budget) in enumerate(budgets):
+        for j, repetition in enumerate(repetitions):
+            ax = axes[i][j]
+            ax.set_title(f"{_budget_label(budget, unit)}, repetition {repetition:g}")
+            panel = points[(points["budget_unit"] == unit) & (points["budget"] == budget)
+                           & (points["repetition"] == repetition)]
+            if panel.empty:
+                _no_data(ax, "no MLM evaluations")
+                continue
+            for _, line in panel.groupby(key, sort=True):
+                strategy = line["strategy"].iloc[0]
+                line = line.sort_values("step")
+                ax.plot(line["budget_fraction"], line["mlm_val_loss"], marker=".",
+                        color=_colour(strategy), label=strategy, alpha=0.8)
+            ax.set_xlabel("fraction of budget spent")
+        axes[i][0].set_ylabel("MLM validation loss")
+    _legend(fig, axes)
+    return _save(fig, Path(out_dir) / "mlm_curves.png")
+
+
+def _cell_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    grouped = _ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)[metric]
+    return grouped.agg(["mean", "std"]).reset_index()
+
+
+def _no_data(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend(fig: Figure, axes) -> None:
+    """One legend for the figure, strategies in the study's order."""
+    handles = {}
+    for ax in np.ravel(axes):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        labels = _strategies(handles)
+        fig.legend([handles[label] for label in labels], labels, loc="outside right upper")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
+    os.close(descriptor)
+    try:
+        fig.savefig(temporary, format="png", dpi=FIGURE_DPI)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write report.md (tables and figures) for one sweep folder; return its path.
+
+    The report and a `figures/` folder go to `out` (default: the sweep
+    folder). Each file is written to a temporary name and renamed, so a
+    reader never sees half a report.
+    """
+    sweep_dir = Path(sweep_dir)
+    df = load_results(sweep_dir)
+    out = sweep_dir if out is None else Path(out)
+    figures_dir = out / "figures"
+    figures = {
+        "GLUE score against budget": plot_glue_vs_budget(df, figures_dir),
+        "KD gain over scratch against repetition": plot_kd_gain(df, figures_dir),
+        "Tokens seen and passes over the data": plot_tokens_and_passes(df, figures_dir),
+    }
+    has_curves = (sweep_dir / "curves.parquet").is_file()
+    if has_curves:
+        figures["MLM validation loss against budget spent"] = plot_mlm_curves(
+            load_curves(sweep_dir), df, figures_dir)
+    report = out / "report.md"
+    _write_text(report, _report_text(sweep_dir, df, figures, report.parent, has_curves))
+    return report
+
+
+def linked_figures(report: str | os.PathLike) -> list[Path]:
+    """The figure files a report.md links to, as paths."""
+    report = Path(report)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
+    return [report.parent / link for link in links]
+
+
+def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], report_dir: Path,
+                 has_curves: bool) -> str:
+    tasks = task_columns(df)
+    preset = (_study(sweep_dir) or {}).get("preset")
+    seeds = sorted(df["seed"].unique())
+    lines = [
+        f"# raykd report: {df['sweep'].iloc[0]}",
+        "",
+        f"Source: `{(sweep_dir / 'results.parquet').resolve()}`"
+        + (f", preset `{preset}`" if preset else "") + ".",
+        f"{len(df)} trials; strategies {', '.join(_strategies(df['strategy']))}; "
+        f"budgets {', '.join(_budget_label(b, u) for u, b in sorted(set(zip(df['budget_unit'], df['budget']))))}; "
+        f"repetitions {', '.join(f'{r:g}' for r in sorted(df['repetition'].unique()))}; "
+        f"seeds {', '.join(str(s) for s in seeds)}.",
+        f"Tasks: {', '.join(tasks) if tasks else 'none'}; GLUE = mean of the task scores (0–100).",
+        "",
+        "## Scores (mean ± std over seeds)",
+        "",
+        format_table(paper_table(df, tasks)),
+        "",
+        "## KD gain over scratch",
+        "",
+        "Gain = the strategy's mean GLUE score minus scratch's at the same budget and "
+        "repetition; ± is the std of per-seed differences where the seeds pair up.",
+        "",
+        format_gain(kd_gain(df)),
+        "",
+        "## Budget accounting (means over seeds)",
+        "",
+        _compute_markdown(df),
+        "",
+        "## Figures",
+        "",
+    ]
+    for title, path in figures.items():
+        link = Path(os.path.relpath(path, report_dir)).as_posix()
+        lines += [f"### {title}", "", f"![{title}]({link})", ""]
+    if not has_curves:
+        lines += ["No curves.parquet in the sweep folder: no MLM loss curves.", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

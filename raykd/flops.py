@@ -1,0 +1,61 @@
+"""Analytic FLOP model of one optimizer step (SPEC §3).
+
+Counts the matrix products a step really runs (as `FlopCounterMode` does):
+the encoder's projections and FFN, attention scores and values, the LM head
+at the positions actually computed, TinyBERT's projection heads and MiniLM's
+relation products. Student training = 3 × its forward (forward + backward of
+both operands); the teacher = 1 × its forward up to the highest layer used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raykd.models import ForwardNeeds, ModelShape
+from raykd.strategies import MiniLM, Strategy, TinyBERT
+
+
+def forward_flops(shape: ModelShape, vocab_size: int, needs: ForwardNeeds, sequences: int, length: int,
+                  masked: int) -> float:
+    """FLOPs of `encode` on `sequences` × `length` tokens with `masked` LM-head positions."""
+    d, ff = shape.hidden, shape.intermediate
+    top = needs.upto_layer(shape.layers)
+    full_layers = top - 1 if needs.top_is_qkv_only(shape.layers) else top
+    tokens = sequences * length
+    per_layer = tokens * 2 * (4 * d * d + 2 * d * ff) + sequences * 2 * (2 * length * length * d)
+    flops = full_layers * per_layer
+    if top > full_layers:  # only Q, K and V of the top layer
+        flops += tokens * 2 * 3 * d * d
+    if needs.masked_logits:
+        flops += masked * 2 * (d * d + d * vocab_size)
+    return float(flops)
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """One optimizer step's charge, split by who spends it."""
+
+    student: float  # forward + backward of the student and trainable loss parts
+    teacher: float  # teacher forward and teacher-only loss parts (no backward)
+
+    @property
+    def total(self) -> float:
+        return self.student + self.teacher
+
+
+def step_flops(strategy: Strategy, student: ModelShape, teacher: ModelShape | None, vocab_size: int,
+               sequences: int, length: int, masked: int) -> StepFlops:
+    """Charge of one step of `strategy` on a batch of `sequences` × `length` with `masked` targets."""
+    student_fwd = forward_flops(student, vocab_size, strategy.student_needs(), sequences, length, masked)
+    teacher_fwd = 0.0
+    needs = strategy.teacher_needs()
+    if needs is not None:
+        teacher_fwd = forward_flops(teacher, vocab_size, needs, sequences, length, masked)
+    tokens = sequences * length
+    if isinstance(strategy, TinyBERT):
+        projected = (1 + len(strategy.layer_map)) if strategy.hidden_projection is not None else 0
+        student_fwd += projected * tokens * 2 * student.hidden * teacher.hidden
+    if isinstance(strategy, MiniLM):
+        # Q-Q, K-K and V-V relation products on each side; the teacher's need no backward.
+        student_fwd += 3 * sequences * 2 * length * length * student.hidden
+        teacher_fwd += 3 * sequences * 2 * length * length * teacher.hidden
+    return StepFlops(student=3.0 * student_fwd, teacher=teacher_fwd)

@@ -1,0 +1,159 @@
+"""BERT-style teacher and student, and the one forward pass every strategy reads.
+
+Models are plain `transformers.BertForMaskedLM` instances (built from a
+`BertConfig`, never from the hub), so a student round-trips through
+`save_pretrained` / `AutoModelForMaskedLM.from_pretrained`. `encode` runs the
+same computation as the model's own forward, but it can stop at a layer,
+keep what a strategy needs (hidden states, pre-softmax attention scores,
+Q/K/V), and runs the LM head only at masked positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Size of a BERT encoder: layers, hidden width, attention heads, FFN width."""
+
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def bert_config(shape: ModelShape, vocab_size: int, max_positions: int, dropout: float = 0.1) -> BertConfig:
+    """A post-LN BERT config; scratch and KD students share it exactly."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        pad_token_id=0,
+        type_vocab_size=2,
+        # Our forward computes attention itself; "eager" keeps HF's own forward
+        # (used after loading, e.g. in fine-tuning) returning attentions if asked.
+        attn_implementation="eager",
+    )
+
+
+def build_masked_lm(shape: ModelShape, vocab_size: int, max_positions: int, seed: int, dropout: float = 0.1) -> BertForMaskedLM:
+    """A freshly initialised masked LM; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(bert_config(shape, vocab_size, max_positions, dropout))
+    return model
+
+
+def shape_of(model: BertForMaskedLM) -> ModelShape:
+    """The `ModelShape` of a loaded model."""
+    c = model.config
+    return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
+
+
+@dataclass(frozen=True)
+class ForwardNeeds:
+    """What a forward pass must produce for a strategy; nothing else is computed.
+
+    Layer 0 is the embedding output; layers 1..n are encoder layers.
+    """
+
+    hidden_layers: tuple[int, ...] = ()
+    score_layers: tuple[int, ...] = ()
+    qkv_layers: tuple[int, ...] = ()
+    masked_logits: bool = False
+
+    def upto_layer(self, layers: int) -> int:
+        """Highest layer the forward must reach (the LM head needs all of them)."""
+        if self.masked_logits:
+            return layers
+        return max((*self.hidden_layers, *self.score_layers, *self.qkv_layers), default=0)
+
+    def top_is_qkv_only(self, layers: int) -> bool:
+        """True when the top layer is needed only for its Q/K/V projections (MiniLM)."""
+        top = self.upto_layer(layers)
+        return (not self.masked_logits and top in self.qkv_layers
+                and top not in self.hidden_layers and top not in self.score_layers)
+
+
+@dataclass
+class Captured:
+    """What one forward pass kept. Layer 0 is the embedding output."""
+
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # l -> (B, L, d)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # l -> (B, heads, L, L), before mask and softmax
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # l -> 3 x (B, L, d)
+    masked_logits: torch.Tensor | None = None  # (M, V) at positions where labels != -100
+
+
+def encode(
+    model: BertForMaskedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    needs: ForwardNeeds,
+    masked_positions: torch.Tensor | None = None,
+) -> Captured:
+    """Run `model` on a batch, computing only what `needs` asks for.
+
+    The forward stops at the highest layer needed (layers above it are not
+    run); a top layer needed only for Q/K/V stops after its projections.
+    masked_positions: (B, L) bool, required when `needs.masked_logits`; the LM
+    head runs on those positions only.
+    """
+    bert = model.bert
+    n_layers = len(bert.encoder.layer)
+    top = needs.upto_layer(n_layers)
+    out = Captured()
+    x = bert.embeddings(input_ids=input_ids)
+    if 0 in needs.hidden_layers:
+        out.hidden[0] = x
+    # Additive key mask: 0 where attended, a large negative number at padding.
+    key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    for index, layer in enumerate(bert.encoder.layer[:top], start=1):
+        if index == top and needs.top_is_qkv_only(n_layers):
+            attn = layer.attention.self
+            out.qkv[index] = (attn.query(x), attn.key(x), attn.value(x))
+            break
+        x = _layer_forward(layer, x, key_bias, index, out, index in needs.score_layers, index in needs.qkv_layers)
+        if index in needs.hidden_layers:
+            out.hidden[index] = x
+    if needs.masked_logits:
+        out.masked_logits = model.cls(x[masked_positions])
+    return out
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, key_bias: torch.Tensor, index: int, out: Captured,
+                   keep_scores: bool, keep_qkv: bool) -> torch.Tensor:
+    """One post-LN BERT layer, numerically the same as `BertLayer.forward`."""
+    attn = layer.attention.self
+    batch, length, width = x.shape
+    heads = attn.num_attention_heads
+    q, k, v = attn.query(x), attn.key(x), attn.value(x)
+    if keep_qkv:
+        out.qkv[index] = (q, k, v)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, length, heads, -1).transpose(1, 2)
+
+    # Explicit matmuls (not SDPA): FlopCounterMode counts them, and on CPU they
+    # are no slower; the raw scores are needed by TinyBERT anyway.
+    scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * attn.scaling
+    if keep_scores:
+        out.scores[index] = scores
+    probs = torch.softmax(scores + key_bias, dim=-1)
+    probs = nn.functional.dropout(probs, p=attn.dropout.p, training=attn.training)
+    context = torch.matmul(probs, split(v)).transpose(1, 2).reshape(batch, length, width)
+    attended = layer.attention.output(context, x)
+    return layer.output(layer.intermediate(attended), attended)

@@ -1,0 +1,171 @@
+"""The pretraining loop: one strategy, one budget, steps until the budget says stop.
+
+Plain PyTorch, no Ray: the same loop runs in one process (tests, laptops) and
+inside each Ray Train worker (raykd.ray_train), which passes in its data
+shard, its teacher client and a `reduce` that sums charges across workers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from raykd.budget import BudgetMeter, StepCharge, lr_at
+from raykd.flops import step_flops
+from raykd.models import Captured, ForwardNeeds, ModelShape, encode
+from raykd.strategies import Strategy, mlm_loss
+
+
+class StudentStep(nn.Module):
+    """Student plus strategy (with any trainable projection heads); forward returns the loss."""
+
+    def __init__(self, student: nn.Module, strategy: Strategy):
+        super().__init__()
+        self.student = student
+        self.strategy = strategy
+
+    def forward(self, batch: dict, teacher_outputs: Captured | None) -> tuple[torch.Tensor, dict]:
+        captured = encode(self.student, batch["input_ids"], batch["attention_mask"],
+                          self.strategy.student_needs(), batch["masked_positions"])
+        return self.strategy.loss(captured, teacher_outputs, batch)
+
+
+def prepare_batch(batch: dict) -> dict:
+    """Add the masked positions and their targets, which every loss and the FLOP charge use."""
+    positions = batch["labels"] != -100
+    return {**batch, "masked_positions": positions, "masked_targets": batch["labels"][positions]}
+
+
+def make_optimizer(module: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+                   weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW as in the paper; no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+class Teacher:
+    """How the loop gets teacher outputs: `request` a batch early, `collect` it when needed."""
+
+    def request(self, batch: dict):
+        raise NotImplementedError
+
+    def collect(self, handle) -> Captured:
+        raise NotImplementedError
+
+
+class ColocatedTeacher(Teacher):
+    """A teacher in the training process: computed at collect time, so nothing is wasted at the stop."""
+
+    def __init__(self, local_teacher):
+        self.local = local_teacher
+
+    def request(self, batch):
+        return batch
+
+    def collect(self, batch):
+        return self.local.outputs(batch["input_ids"], batch["attention_mask"],
+                                  batch["masked_positions"] if self.local.needs.masked_logits else None)
+
+
+@dataclass
+class StepReport:
+    """What one finished step reports."""
+
+    step: int
+    fraction: float
+    lr: float
+    loss: float
+    parts: dict = field(default_factory=dict)
+    ledger: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _sum_local(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+def pretrain(
+    step_module: nn.Module,
+    strategy: Strategy,
+    batches: Iterable[dict],
+    meter: BudgetMeter,
+    optimizer: torch.optim.Optimizer,
+    *,
+    peak_lr: float,
+    student_shape: ModelShape,
+    teacher_shape: ModelShape | None,
+    vocab_size: int,
+    teacher: Teacher | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _sum_local,
+    world_size: int = 1,
+    max_grad_norm: float = 1.0,
+) -> Iterator[StepReport]:
+    """Train until the next step would exceed the budget, yielding a report after each step.
+
+    `step_module` is a `StudentStep`, possibly wrapped in DDP. `reduce_sum`
+    sums a tensor over training workers, so every worker charges the global
+    step and all stop at the same step. The teacher is asked for batch k+1
+    before step k runs, so a teacher actor works while the student does.
+    """
+    iterator = iter(batches)
+
+    def fetch():
+        batch = prepare_batch(next(iterator))
+        return batch, (teacher.request(batch) if teacher is not None else None)
+
+    batch, handle = fetch()
+    last = time.perf_counter()
+    while True:
+        sequences, length = batch["input_ids"].shape
+        local = step_flops(strategy, student_shape, teacher_shape, vocab_size, sequences, length,
+                           int(batch["masked_positions"].sum()))
+        total = reduce_sum(torch.tensor([local.total, local.teacher, float(sequences * length)], dtype=torch.float64))
+        charge = StepCharge(flops=float(total[0]), teacher_flops=float(total[1]), tokens=int(total[2]))
+        if not meter.admits(charge):
+            return
+        lr = lr_at(meter.fraction_after(charge), peak_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        next_batch, next_handle = fetch()  # teacher works on k+1 while the student runs k
+        teacher_outputs = teacher.collect(handle) if teacher is not None else None
+        loss, parts = step_module(batch, teacher_outputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(step_module.parameters(), max_grad_norm)
+        optimizer.step()
+        now = time.perf_counter()
+        # Device time: every worker charges the mean wall time of the step.
+        seconds = float(reduce_sum(torch.tensor([now - last], dtype=torch.float64))[0]) / world_size
+        last = now
+        meter.record(charge, seconds)
+        yield StepReport(step=meter.ledger.steps, fraction=meter.fraction, lr=lr, loss=float(loss.detach()),
+                         parts={k: float(v) for k, v in parts.items()}, ledger=meter.ledger.to_dict(),
+                         seconds=seconds)
+        batch, handle = next_batch, next_handle
+
+
+@torch.no_grad()
+def mlm_validation_loss(student: nn.Module, batches: Iterable[dict]) -> float:
+    """Mean masked-LM cross-entropy (nats per masked token) over validation batches."""
+    was_training = student.training
+    student.eval()
+    total, count = 0.0, 0
+    needs = ForwardNeeds(masked_logits=True)
+    for raw in batches:
+        batch = prepare_batch(raw)
+        captured = encode(student, batch["input_ids"], batch["attention_mask"], needs, batch["masked_positions"])
+        n = int(batch["masked_targets"].numel())
+        total += float(mlm_loss(captured.masked_logits, batch["masked_targets"])) * n
+        count += n
+    student.train(was_training)
+    return total / count if count else math.nan
