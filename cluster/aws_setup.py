@@ -14,7 +14,8 @@ results to S3. This script creates both, idempotently:
 
 Usage (run again whenever your IP changes; it replaces the SSH rule):
 
-    python cluster/aws_setup.py --region us-east-2 --ssh-cidr 203.0.113.7/32 --bucket my-raykd-results
+    python cluster/aws_setup.py --region us-east-2 --ssh-cidr 203.0.113.7/32 \
+        --bucket my-raykd-results
 
 It prints the security group id to paste into cluster/aws.yaml.
 """
@@ -28,7 +29,7 @@ import boto3
 SECURITY_GROUP_NAME = "raykd-cluster"
 HEAD_PROFILE = "raykd-head"
 WORKER_PROFILE = "raykd-worker"
-# Ray's own default head role has exactly this managed policy for launching workers.
+# The managed policy with which Ray's default head role launches workers.
 EC2_FULL_ACCESS = "arn:aws:iam::aws:policy/AmazonEC2FullAccess"
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
@@ -167,7 +168,8 @@ def ensure_security_group(ec2, ssh_cidr, vpc_id=None):
 
 
 def _ensure_role_with_profile(iam, name):
-    """Create role ``name`` (assumable by EC2) and the instance profile holding it; return the role ARN."""
+    """Create role ``name`` (assumable by EC2) and the instance profile holding it;
+    return the role's ARN."""
     try:
         role_arn = iam.get_role(RoleName=name)["Role"]["Arn"]
     except iam.exceptions.NoSuchEntityException:
@@ -190,11 +192,15 @@ def ensure_instance_profiles(iam, bucket):
     """
     bucket_policy = json.dumps(results_bucket_policy(bucket))
     worker_role_arn = _ensure_role_with_profile(iam, WORKER_PROFILE)
-    iam.put_role_policy(RoleName=WORKER_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy)
+    iam.put_role_policy(
+        RoleName=WORKER_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy
+    )
 
     _ensure_role_with_profile(iam, HEAD_PROFILE)
     iam.attach_role_policy(RoleName=HEAD_PROFILE, PolicyArn=EC2_FULL_ACCESS)
-    iam.put_role_policy(RoleName=HEAD_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy)
+    iam.put_role_policy(
+        RoleName=HEAD_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy
+    )
     # EC2 refuses to launch an instance with a role the launcher may not pass.
     pass_worker_role = {
         "Version": "2012-10-17",

@@ -103,6 +103,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     dropout: float = 0.1
+    tokens_per_device_second: float | None = None  # device_seconds budgets: sizes the data pool (SPEC §4)
     checkpoint_every: int = 50
     eval_points: int = 4  # MLM validation points along the budget
     validation_examples: int = 256
@@ -130,6 +131,13 @@ class TuneConfig:
 
 
 @dataclass
+class SweepConfig:
+    ray_cpus: int | None = None  # logical CPUs of a local Ray (None: the machine's); ignored on a cluster
+    trial_cpus: float = 0.5  # the Tune trial process (it runs the GLUE fine-tuning)
+    max_concurrent_trials: int | None = None
+
+
+@dataclass
 class StudyConfig:
     name: str = "local"
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
@@ -145,6 +153,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,6 +308,11 @@ def validate(config: StudyConfig) -> None:
     for name in ("per_worker_batch", "workers", "num_threads", "checkpoint_every", "eval_points", "validation_examples"):
         if getattr(config.train, name) < 1:
             raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(config.train, name)}")
+    if config.budget_unit == "device_seconds" and config.unique_tokens is None and not (config.train.tokens_per_device_second or 0) > 0:
+        raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs it (or unique_tokens) "
+                                                            "to size the data pool")
+    if not config.sweep.trial_cpus > 0:
+        raise ConfigError("sweep.trial_cpus", f"must be positive (Tune refuses 0), got {config.sweep.trial_cpus}")
     if not config.train.lr > 0:
         raise ConfigError("train.lr", f"must be positive, got {config.train.lr}")
     if config.train.lr_file is not None and not Path(config.train.lr_file).is_file():

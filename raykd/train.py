@@ -18,6 +18,7 @@ from raykd.budget import BudgetMeter, StepCharge, lr_at
 from raykd.flops import step_flops
 from raykd.models import Captured, ForwardNeeds, ModelShape, encode
 from raykd.strategies import Strategy, mlm_loss
+from raykd.teacher import Teacher
 
 
 class StudentStep(nn.Module):
@@ -50,30 +51,6 @@ def make_optimizer(module: nn.Module, lr: float, betas: tuple[float, float] = (0
         (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
-
-
-class Teacher:
-    """How the loop gets teacher outputs: `request` a batch early, `collect` it when needed."""
-
-    def request(self, batch: dict):
-        raise NotImplementedError
-
-    def collect(self, handle) -> Captured:
-        raise NotImplementedError
-
-
-class ColocatedTeacher(Teacher):
-    """A teacher in the training process: computed at collect time, so nothing is wasted at the stop."""
-
-    def __init__(self, local_teacher):
-        self.local = local_teacher
-
-    def request(self, batch):
-        return batch
-
-    def collect(self, batch):
-        return self.local.outputs(batch["input_ids"], batch["attention_mask"],
-                                  batch["masked_positions"] if self.local.needs.masked_logits else None)
 
 
 @dataclass

@@ -13,14 +13,16 @@ The order is a pure numpy function of (pool, seed, pass, rank, world_size),
 so resuming at any step costs nothing but arithmetic. Ray Data does the
 streaming work, one window of steps at a time: it reads the Parquet shards
 holding the window's examples, emits every occurrence of each example with
-its position in the window, sorts by that position, masks (seeded by
-(seed, pass, example id), see `masking`) and batches. Ray Data keeps row
-order only with `preserve_order`, which must be set in the iterating
-process; `PretrainStream.batches` sets it there.
+its position in the window, masked (seeded by (seed, pass, example id), see
+`masking`), sorts by that position and batches. Ray Data keeps row order
+only with `preserve_order`, which must be set in the iterating process;
+`PretrainStream.batches` sets it there.
 """
+import itertools
 import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raykd.data.masking import mask_batch
 
@@ -64,7 +65,7 @@ def unique_examples_from_tokens(unique_tokens: float, seq_len: int) -> int:
 def load_meta(meta_path) -> tuple[Path, dict]:
     """Read a shard directory's meta.json (given the directory or the file); return (root, meta)."""
     path = Path(meta_path)
-    if path.is_dir():
+    if path.suffix != ".json":
         path = path / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"shard metadata not found: {path}")
@@ -103,19 +104,6 @@ def check_shards(root: Path, meta: dict, split: str) -> list[dict]:
             )
         shards.append({**entry, "path": str(path)})
     return shards
-
-
-def split_directory(shards: list[dict]) -> Path:
-    """The one directory holding a split's shards; it must hold no other Parquet file."""
-    directories = {Path(shard["path"]).parent for shard in shards}
-    if len(directories) != 1:
-        raise ValueError(f"a split's shards must share one directory; got {sorted(map(str, directories))}")
-    directory = directories.pop()
-    listed = {Path(shard["path"]).name for shard in shards}
-    for path in sorted(directory.glob("*.parquet")):
-        if path.name not in listed:
-            raise ValueError(f"shard {path} is not listed in the shard metadata")
-    return directory
 
 
 def select_pool(num_examples: int, unique_examples: int, seed: int) -> np.ndarray:
@@ -201,16 +189,6 @@ class _WindowRows:
         }
 
 
-class _TrainingBatch(NumpyBatchCollateFn):
-    """Collate for `iter_torch_batches`: numpy columns -> the training batch."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: dict) -> dict:
-        return _to_tensors(batch, self.pad_id)
-
-
 class PretrainStream:
     """One training worker's view of the repeated, masked pretraining stream.
 
@@ -233,7 +211,7 @@ class PretrainStream:
         window_examples: int | None = None,
     ):
         self.root, meta = load_meta(meta_path)
-        self.shard_dir = split_directory(check_shards(self.root, meta, "train"))
+        self.shards = check_shards(self.root, meta, "train")
         num_examples = meta["splits"]["train"]["num_examples"]
         if unique_examples < 1:
             raise ValueError(f"unique_examples must be >= 1; got {unique_examples}")
@@ -268,7 +246,6 @@ class PretrainStream:
                 max(-(-unique_examples // world_size), _MIN_WINDOW_EXAMPLES), _MAX_WINDOW_EXAMPLES
             )
         self.window_steps = max(1, window_examples // per_worker_batch)
-        self._orders: dict[int, np.ndarray] = {}
 
     @property
     def unique_examples(self) -> int:
@@ -297,14 +274,6 @@ class PretrainStream:
         """Passes over the pool (fractional) completed after `step` steps."""
         return self._examples_before(step) / self.unique_examples
 
-    def _order(self, pass_index: int) -> np.ndarray:
-        if pass_index not in self._orders:
-            # Windows move forward, so only the newest orders are worth keeping.
-            if len(self._orders) >= 2:
-                self._orders.pop(min(self._orders))
-            self._orders[pass_index] = pass_order(self.pool, self.seed, pass_index)
-        return self._orders[pass_index]
-
     def plan(self, start_step: int, stop_step: int) -> tuple[np.ndarray, np.ndarray]:
         """(example_ids, pass_index) this worker reads over steps [start_step, stop_step), in order.
 
@@ -326,7 +295,8 @@ class PretrainStream:
         example_ids = np.empty_like(positions)
         for p in np.unique(pass_index):
             in_pass = pass_index == p
-            example_ids[in_pass] = self._order(int(p))[positions[in_pass] % self.unique_examples]
+            order = pass_order(self.pool, self.seed, int(p))
+            example_ids[in_pass] = order[positions[in_pass] % self.unique_examples]
         return example_ids, pass_index
 
     def _window(self, start_step: int, stop_step: int):
@@ -340,13 +310,23 @@ class PretrainStream:
             "vocab_size": self.vocab_size,
             "mask_prob": self.mask_prob,
         }
-        # The split's directory, not its file list: with a list, Ray 2.60 resolves paths
-        # in parallel threads that race on an optional import (fsspec's HTTP filesystem,
-        # without aiohttp) and fail at random.
-        dataset = ray.data.read_parquet(str(self.shard_dir)).select_columns(
-            ["example_id", "input_ids"]
-        )
-        dataset.context.enable_progress_bars = False
+        wanted = np.unique(example_ids)
+        paths = [
+            shard["path"]
+            for shard in self.shards
+            if np.searchsorted(wanted, shard["first_example_id"])
+            < np.searchsorted(wanted, shard["first_example_id"] + shard["num_examples"])
+        ]
+        # Ray 2.60's default (V2) Parquet reader lists files in threads that take ~8 s
+        # per read here and race on an optional import (fsspec's HTTP filesystem without
+        # aiohttp), failing at random; the V1 reader does neither. The dataset keeps
+        # the context it was created under.
+        context = ray.data.DataContext.get_current().copy()
+        context.use_datasource_v2 = False
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = True
+        with ray.data.DataContext.current(context):
+            dataset = ray.data.read_parquet(paths, columns=["example_id", "input_ids"])
         # Positions are 0..n-1, so the sort's range boundaries are known: no sampling pass.
         n = len(example_ids)
         boundaries = list(range(_SORT_PARTITION_EXAMPLES, n, _SORT_PARTITION_EXAMPLES)) or [n]
@@ -370,19 +350,44 @@ class PretrainStream:
     def _batches(self, start_step: int) -> Iterator[dict]:
         # Must be set here, in the iterating process: a driver's context does not travel.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        step = start_step
+        windows = self._windows(start_step)
+        bounds = next(windows, None)
+        # The next window is opened (read, sorted, first batch fetched) in the
+        # background while this one is consumed, hiding Ray Data's start-up.
+        opener = ThreadPoolExecutor(max_workers=1)
+        try:
+            upcoming = opener.submit(self._open, *bounds) if bounds else None
+            while upcoming is not None:
+                current = upcoming.result()
+                bounds = next(windows, None)
+                upcoming = opener.submit(self._open, *bounds) if bounds else None
+                for columns in current:
+                    yield _to_tensors(columns, self.special_ids["pad"])
+        finally:
+            opener.shutdown(wait=False, cancel_futures=True)
+
+    def _windows(self, step: int) -> Iterator[tuple[int, int]]:
+        """[start, stop) step ranges of consecutive windows from `step` on."""
         while self.num_steps is None or step < self.num_steps:
             stop = step + self.window_steps
             if self.num_steps is not None:
                 stop = min(stop, self.num_steps)
-            window = self._window(step, stop)
-            if window is not None:
-                yield from window.iter_torch_batches(
-                    batch_size=self.per_worker_batch,
-                    collate_fn=_TrainingBatch(self.special_ids["pad"]),
-                    prefetch_batches=4,
-                )
+            yield step, stop
             step = stop
+
+    def _open(self, start_step: int, stop_step: int) -> Iterator[dict]:
+        """Start a window's execution and wait for its first batch of numpy columns."""
+        window = self._window(start_step, stop_step)
+        if window is None:
+            return iter(())
+        # numpy batches converted here are ~2x cheaper per batch than iter_torch_batches.
+        batches = iter(
+            window.iter_batches(
+                batch_size=self.per_worker_batch, batch_format="numpy", prefetch_batches=4
+            )
+        )
+        first = next(batches, None)
+        return batches if first is None else itertools.chain([first], batches)
 
 
 def validation_batches(

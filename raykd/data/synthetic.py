@@ -25,8 +25,9 @@ words, which is how task labels are checked.
 
 from __future__ import annotations
 
-from bisect import bisect_right as _bisect_right
 import random
+from bisect import bisect_right as _bisect_right
+from itertools import accumulate
 from typing import Iterator, NamedTuple, Sequence
 
 # Determiners: word, agrees with singular, agrees with plural, weight, upward
@@ -169,14 +170,6 @@ class Document(NamedTuple):
         return " ".join(s.text for s in self.sentences)
 
 
-def _cumulative(weights: Sequence[float]) -> list[float]:
-    total, out = 0.0, []
-    for w in weights:
-        total += w
-        out.append(total)
-    return out
-
-
 class _Table:
     """Weighted choice among ids by bisection on cumulative weights (fast, and
     uses only rng.random(), whose stream Python keeps stable)."""
@@ -187,7 +180,7 @@ class _Table:
         if not ids:
             raise ValueError("empty choice table: the lexicon is too small")
         self.ids = list(ids)
-        self.cum = _cumulative(weights)
+        self.cum = list(accumulate(weights))
         self.total = self.cum[-1]
 
     def draw(self, rng: random.Random) -> int:
@@ -228,7 +221,7 @@ class SyntheticLanguage:
                            for _ in range(syllables))
             if rng.random() < 0.35:
                 word += _CODAS[int(rng.random() * len(_CODAS))]
-            if len(word) >= 3 and word not in taken and word not in FUNCTION_WORDS:
+            if len(word) >= 3 and word not in taken:
                 return word
 
     def _build_lexicon(self, rng: random.Random, counts: dict[str, int]) -> None:
@@ -259,8 +252,8 @@ class SyntheticLanguage:
         self.noun_lemmas = lemmas_for(counts["noun"], noun_forms)
         self.adj_lemmas = lemmas_for(counts["adj"], lambda w: (w,))
         self.adv_lemmas = lemmas_for(counts["adv"], lambda w: (w,))
-        # Verbs: some reuse a noun lemma (homographs); the rest are new words.
-        nouns_free = [v[0] for v in self.noun_lemmas]
+        # Verbs: some reuse a frequent noun's lemma (homographs); the rest are new words.
+        nouns_free = [v[0] for v in self.noun_lemmas[: len(self.noun_lemmas) // 3]]
         rng.shuffle(nouns_free)
         verbs = []
         for _ in range(counts["verb"]):
@@ -287,10 +280,13 @@ class SyntheticLanguage:
             boosted = [[rng.random() < TOPIC_SHARE for _ in range(n)] for _ in range(self.num_topics)]
             return [[w * TOPIC_BOOST if b else w for w, b in zip(base, row)] for row in boosted]
 
-        def by_class(weights, classes) -> list[_Table]:
-            tables = [_Table([i for i, c in enumerate(classes) if c == k],
-                             [w for w, c in zip(weights, classes) if c == k]) for k in range(NUM_NOUN_CLASSES)]
-            return tables + [_Table(range(len(weights)), weights)]
+        def subset(weights: list[float], ids: list[int]) -> _Table:
+            return _Table(ids, [weights[i] for i in ids])
+
+        def by_class(weights: list[float], classes: list[int]) -> list[_Table]:
+            """One table per selectional class, then one over all (index ANY_CLASS)."""
+            return [subset(weights, [i for i, c in enumerate(classes) if c == k]) for k in range(NUM_NOUN_CLASSES)] \
+                + [subset(weights, list(range(len(weights))))]
 
         noun_w = topic_weights(len(self.noun_lemmas))
         adj_w = topic_weights(len(self.adj_lemmas))
@@ -299,15 +295,14 @@ class SyntheticLanguage:
         self.topic_boosts = {"noun": noun_w, "verb": verb_w, "adj": adj_w, "adv": adv_w}
         self._nouns = [by_class(w, self.noun_class) for w in noun_w]
         self._adjs = [by_class(w, self.adj_class) for w in adj_w]
-        self._verbs = [[_Table([i for i, t in enumerate(self.verb_transitive) if t == trans],
-                               [x for x, t in zip(w, self.verb_transitive) if t == trans])
-                        for trans in (False, True)] for w in verb_w]
-        self._advs = [_Table(range(len(w)), w) for w in adv_w]
+        by_transitivity = [[i for i, t in enumerate(self.verb_transitive) if t == trans] for trans in (False, True)]
+        self._verbs = [[subset(w, ids) for ids in by_transitivity] for w in verb_w]
+        self._advs = [subset(w, list(range(len(w)))) for w in adv_w]
         self._preps = _Table(range(len(PREPOSITIONS)), _zipf(len(PREPOSITIONS)))
-        self._dets = {plural: [_Table([i for i, d in enumerate(DETERMINERS) if d[2 if plural else 1]
-                                       and (d[4] or not upward)],
-                                      [d[3] for d in DETERMINERS if d[2 if plural else 1] and (d[4] or not upward)])
-                               for upward in (False, True)] for plural in (False, True)}
+        weights = [d[3] for d in DETERMINERS]
+        self._dets = {plural: [subset(weights, [i for i, (_, sg, pl, _, up) in enumerate(DETERMINERS)
+                                                if (pl if plural else sg) and (up or not upward_only)])
+                               for upward_only in (False, True)] for plural in (False, True)}
 
     def _build_analyses(self) -> None:
         """Word -> {category: [analysis, ...]} for the parser."""
@@ -357,14 +352,12 @@ class SyntheticLanguage:
         return variants[0] if len(variants) == 1 else variants[int(rng.random() * len(variants))]
 
     def verb_form(self, lemma: str, plural_subject: bool) -> str:
+        """The present-tense form agreeing with the subject's number."""
         return lemma if plural_subject else lemma + "s"
 
-    def concepts(self, category: str) -> int:
-        """Number of concepts in a category ("noun", "verb", "adj", "adv")."""
-        return len({"noun": self.noun_lemmas, "verb": self.verb_lemmas,
-                    "adj": self.adj_lemmas, "adv": self.adv_lemmas}[category])
-
     # ----- sampling ------------------------------------------------------------
+
+    # The draw_* methods return concept ids, weighted by the topic's Zipf weights.
 
     def draw_noun(self, rng: random.Random, topic: int, klass: int = ANY_CLASS) -> int:
         if klass != ANY_CLASS and rng.random() >= SELECTION_RATE:
@@ -402,16 +395,17 @@ class SyntheticLanguage:
         if r < modifier[0]:
             mod = self.sample_pp(rng, topic, upward_only)
         elif r < modifier[0] + modifier[1]:
-            mod = self.sample_relative(rng, topic, self.noun_class[noun], upward_only)
+            mod = self.sample_relative(rng, topic, upward_only)
         return NounPhrase(det, tuple(adjectives), noun, plural, mod)
 
     def sample_pp(self, rng: random.Random, topic: int, upward_only: bool = False) -> PrepPhrase:
+        """A prepositional phrase whose noun suits the preposition."""
         prep = self._preps.draw(rng)
         return PrepPhrase(prep, self.sample_np(rng, topic, self.prep_class[prep], max_adjectives=1,
                                                upward_only=upward_only))
 
-    def sample_relative(self, rng: random.Random, topic: int, head_class: int,
-                        upward_only: bool = False) -> Relative:
+    def sample_relative(self, rng: random.Random, topic: int, upward_only: bool = False) -> Relative:
+        """A subject relative ("that sees the bird") or an object relative ("that the cats chase")."""
         if rng.random() < P_OBJECT_RELATIVE:
             verb = self.draw_verb(rng, topic, True)
             inner = self.sample_np(rng, topic, self.verb_subject_class[verb], max_adjectives=1,

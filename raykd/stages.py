@@ -1,0 +1,145 @@
+"""The stages before the grid: corpus shards, embedded tasks, the teacher — each cached by config hash.
+
+Every stage writes into `cache_dir/<stage>-<hash>/` and finishes by an atomic
+rename, so an interrupted stage leaves nothing that looks finished, and a
+second run (or trial) with the same configuration reuses the result.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from raykd.config import ConfigError, StudyConfig
+from raykd.data.shards import load_meta, prepare_corpus
+
+TEACHER_MODEL = "model"
+TEACHER_RECORD = "teacher.json"
+
+
+def config_hash(*parts) -> str:
+    """A short stable hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd"))
+
+
+def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
+    """Tokenizer and Parquet shards of the corpus; returns the meta.json path."""
+    data = config.data
+    out = cache_dir / f"data-{config_hash(asdict(data))}"
+    source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
+    return prepare_corpus(out, source, seed=data.seed, num_documents=data.num_documents,
+                          validation_documents=data.validation_documents, seq_len=data.seq_len,
+                          vocab_size=data.vocab_size, tokenizer=data.tokenizer, text_column=data.text_column,
+                          data_files=data.data_files, dataset_name=data.dataset_name,
+                          dataset_config=data.dataset_config)
+
+
+def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
+    """The embedded GLUE-shaped tasks the study evaluates on; None when it uses none."""
+    from raykd.data.tasks import write_tasks
+    from raykd.evaluation import TASKS
+
+    embedded = [task for task in config.eval.tasks if TASKS[task].embedded]
+    if not embedded:
+        return None
+    if config.eval.data_dir is not None:
+        return Path(config.eval.data_dir)
+    evaluation = config.eval
+    out = cache_dir / f"tasks-{config_hash(config.data.seed, evaluation.train_examples, evaluation.validation_examples, sorted(embedded))}"
+    if not out.exists():
+        staging = _staging(out)
+        write_tasks(staging, seed=config.data.seed, train_size=evaluation.train_examples,
+                    validation_size=evaluation.validation_examples, tasks=embedded)
+        _publish(staging, out)
+    return out
+
+
+def teacher_key(config: StudyConfig, meta_path: Path) -> str:
+    """What identifies a self-pretrained teacher: its shape, budget, LR, the data and the batch."""
+    teacher = config.teacher
+    data_params = load_meta(meta_path)["params"]
+    return config_hash(asdict(teacher.shape), teacher.budget, teacher.budget_unit, teacher.lr, data_params,
+                       config.train.per_worker_batch, config.train.workers, config.data.mask_prob, config.data.seed)
+
+
+def ensure_teacher(config: StudyConfig, meta_path: Path, cache_dir: Path, storage_path: str) -> tuple[str, bool]:
+    """The teacher's HF directory (or hub name) and whether a cached one was reused.
+
+    source "pretrain": pretrain with `scratch` at the teacher's budget, once per
+    configuration hash; later trials and runs reuse it. Otherwise the source
+    is a local path or a hub name, loaded as an HF masked LM and checked
+    against `teacher.shape`.
+    """
+    teacher = config.teacher
+    if teacher.source != "pretrain":
+        check_teacher_shape(teacher.source, config)
+        return teacher.source, True
+    out = cache_dir / f"teacher-{teacher_key(config, meta_path)}"
+    if (out / TEACHER_RECORD).exists():
+        return str(out / TEACHER_MODEL), True
+    summary = pretrain_teacher(config, meta_path, storage_path, name=out.name)
+    staging = _staging(out)
+    shutil.copytree(summary["checkpoint"], staging / TEACHER_MODEL)
+    record = {k: v for k, v in summary.items() if k not in ("curve", "checkpoint")}
+    (staging / TEACHER_RECORD).write_text(json.dumps({"config": asdict(teacher), **record}, indent=1))
+    _publish(staging, out)
+    return str(out / TEACHER_MODEL), False
+
+
+def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, name: str) -> dict:
+    """Pretrain the teacher with `scratch` on the whole corpus at the teacher's budget."""
+    from raykd.ray_train import TrialSpec, run_pretraining
+
+    meta = load_meta(meta_path)
+    train = config.train
+    spec = TrialSpec(
+        strategy="scratch", budget=config.teacher.budget, budget_unit=config.teacher.budget_unit,
+        meta_path=str(meta_path), unique_examples=meta["splits"]["train"]["num_examples"], seed=config.data.seed,
+        student=asdict(config.teacher.shape), vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
+        peak_lr=config.teacher.lr, workers=train.workers, cpus_per_worker=train.cpus_per_worker,
+        gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads, per_worker_batch=train.per_worker_batch,
+        mask_prob=config.data.mask_prob, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm, dropout=train.dropout, checkpoint_every=train.checkpoint_every,
+        eval_points=1, validation_examples=train.validation_examples)
+    return run_pretraining(spec, storage_path, name)
+
+
+def check_teacher_shape(source: str, config: StudyConfig) -> None:
+    """A given teacher must match `teacher.shape`, which the FLOP charge and loss checks rely on."""
+    from transformers import AutoConfig
+
+    try:
+        loaded = AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise ConfigError("teacher.source", f"cannot load {source!r}: {error}") from None
+    shape = config.teacher.shape
+    found = (loaded.num_hidden_layers, loaded.hidden_size, loaded.num_attention_heads, loaded.intermediate_size)
+    expected = (shape.layers, shape.hidden, shape.heads, shape.intermediate)
+    if found != expected:
+        raise ConfigError("teacher.shape", f"{source} has (layers, hidden, heads, intermediate) = {found}, "
+                                           f"the config says {expected}")
+
+
+def _staging(out: Path) -> Path:
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Atomically move a finished stage into place (a concurrent finisher wins, ours is dropped)."""
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if not out.exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,288 @@
+"""The study as one Ray Tune experiment: stages, the strategy × budget × repetition × seed grid, GLUE.
+
+`run_study(config, out, storage, resume)` is what `sweeps/grid.py` calls:
+1. everything is validated before compute (config, corpus size vs. pools, output folder);
+2. stages: corpus shards, embedded tasks, the teacher (each cached by hash);
+3. one Tune trial per grid cell: `pretrain_and_evaluate` launches a
+   `TorchTrainer` (Train V2 inside a Tune function) and then fine-tunes the
+   student on every task;
+4. each finished trial's row is written at once, atomically, to
+   `out/trials/<trial_id>.json`, and `out/results.parquet` is rebuilt from them.
+`--resume` skips the cells that have a row; an interrupted cell resumes from
+its last Train checkpoint (its Train run name is deterministic).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune
+
+from raykd.config import ConfigError, StudyConfig
+from raykd.data.masking import mask_batch
+from raykd.data.shards import load_meta
+from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
+from raykd.flops import step_flops
+from raykd.strategies import build_strategy
+from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
+
+TRIALS_DIR = "trials"
+RESULTS_FILE = "results.parquet"
+CURVES_FILE = "curves.parquet"
+STUDY_FILE = "study.json"
+TUNED_LR_FILE = "tuned_lr.json"
+
+
+def budget_key(budget: float) -> str:
+    """How a budget names itself in trial ids and the tuned-LR file."""
+    return f"{budget:g}"
+
+
+def trial_id(strategy: str, budget: float, repetition: float, seed: int) -> str:
+    return f"{strategy}-b{budget_key(budget)}-r{repetition:g}-s{seed}"
+
+
+def masked_per_sequence(seq_len: int, mask_prob: float, special_ids: dict, vocab_size: int) -> int:
+    """Masked positions in one packed sequence (the masking draws an exact count)."""
+    ids = np.full((1, seq_len), special_ids["mask"] + 1, dtype=np.int64)
+    ids[0, 0], ids[0, -1] = special_ids["cls"], special_ids["sep"]
+    _, labels = mask_batch(ids, np.zeros(1, dtype=np.int64), 0, 0, special_ids=special_ids,
+                           vocab_size=vocab_size, mask_prob=mask_prob)
+    return int((labels != -100).sum())
+
+
+def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
+    """T_scratch: tokens `scratch` processes at this budget (SPEC §4), from the same charge the trial uses."""
+    train, seq_len = config.train, meta["seq_len"]
+    global_batch = train.per_worker_batch * train.workers
+    tokens_per_step = global_batch * seq_len
+    if config.budget_unit == "tokens":
+        steps = int(budget // tokens_per_step)
+    elif config.budget_unit == "flops":
+        shape = config.student.model_shape()
+        masked = global_batch * masked_per_sequence(seq_len, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
+        charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options.options()), shape, None,
+                            meta["vocab_size"], global_batch, seq_len, masked).total
+        steps = int(budget // charge)
+    else:
+        steps = int(budget * config.train.tokens_per_device_second // tokens_per_step)
+    return steps * tokens_per_step
+
+
+def plan_cells(config: StudyConfig, meta: dict) -> list[dict]:
+    """The grid: one cell per (budget, repetition, seed, strategy), with its pool size."""
+    cells = []
+    available = meta["splits"]["train"]["num_examples"]
+    for budget in config.budgets:
+        tokens = scratch_tokens(config, budget, meta)
+        if tokens == 0 and config.unique_tokens is None:
+            raise ConfigError("budgets", f"budget {budget:g} {config.budget_unit} does not pay for one scratch step")
+        for repetition in config.repetitions:
+            if config.unique_tokens is not None:
+                unique = unique_examples_from_tokens(config.unique_tokens, meta["seq_len"])
+            else:
+                unique = unique_examples_for(tokens, repetition, meta["seq_len"])
+            if unique > available:
+                raise ConfigError("data.num_documents", f"budget {budget:g} at repetition {repetition:g} needs a pool of "
+                                                        f"{unique} sequences; the corpus has {available}")
+            for seed in config.seeds:
+                for strategy in config.strategies:
+                    cells.append({"trial_id": trial_id(strategy, budget, repetition, seed), "strategy": strategy,
+                                  "budget": budget, "repetition": repetition, "seed": seed,
+                                  "unique_examples": unique, "scratch_tokens": tokens})
+    return cells
+
+
+def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
+    """Tuned peak LRs {strategy: {budget_key: lr}} and the file they came from (None: config's)."""
+    path = Path(config.train.lr_file) if config.train.lr_file else out / TUNED_LR_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        tuned = json.loads(path.read_text())["lr"]
+    except (ValueError, KeyError) as error:
+        raise ConfigError("train.lr_file", f"{path} is not a tuned-LR file: {error}") from None
+    return tuned, str(path)
+
+
+def lr_for(cell: dict, tuned: dict, source: str | None, default: float) -> tuple[float, str]:
+    lr = tuned.get(cell["strategy"], {}).get(budget_key(cell["budget"]))
+    if lr is None:
+        return default, "config:train.lr"
+    return float(lr), f"tuned:{source}"
+
+
+def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_dir: str | None) -> dict:
+    """The TrialSpec fields shared by every cell of the study."""
+    train, teacher = config.train, config.teacher
+    return dict(
+        budget_unit=config.budget_unit, meta_path=str(meta_path), student=asdict(config.student),
+        vocab_size=meta["vocab_size"], seq_len=meta["seq_len"], teacher_dir=teacher_dir,
+        teacher_shape=asdict(teacher.shape), teacher_placement=teacher.placement, teacher_actors=teacher.actors,
+        teacher_actor_cpus=teacher.actor_cpus, teacher_actor_gpus=teacher.actor_gpus, teacher_dtype=teacher.dtype,
+        strategy_options=asdict(config.strategy_options), workers=train.workers,
+        cpus_per_worker=train.cpus_per_worker, gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads,
+        per_worker_batch=train.per_worker_batch, mask_prob=config.data.mask_prob, betas=tuple(train.betas),
+        eps=train.eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, dropout=train.dropout,
+        checkpoint_every=train.checkpoint_every, eval_points=train.eval_points,
+        validation_examples=train.validation_examples)
+
+
+def pretrain_and_evaluate(trial_config: dict) -> None:
+    """A Tune trial: pretrain one cell on Ray Train, fine-tune it on every task, report its row."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.evaluation import evaluate_student
+    from raykd.ray_train import TrialSpec, run_pretraining
+
+    cell, study = trial_config["cell"], trial_config["study"]
+    started = time.time()
+    spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
+                     seed=cell["seed"], peak_lr=cell["lr"], **study["spec"])
+    summary = run_pretraining(spec, study["storage"], name=f"{study['key']}-{cell['trial_id']}",
+                              callbacks=[TuneReportCallback()])
+    evaluation = study["eval"]
+    scores = evaluate_student(summary["checkpoint"], study["tokenizer_dir"], evaluation["tasks"],
+                              data_dir=study["tasks_dir"], learning_rates=evaluation["learning_rates"],
+                              batch_sizes=evaluation["batch_sizes"], epochs=evaluation["epochs"],
+                              max_seq_len=evaluation["max_seq_len"], seed=cell["seed"],
+                              max_train_examples=evaluation["train_examples"],
+                              max_eval_examples=evaluation["validation_examples"], num_threads=spec.num_threads)
+    row = {**{k: cell[k] for k in ("trial_id", "strategy", "budget", "repetition", "seed")},
+           "budget_unit": spec.budget_unit, "flops": summary["flops"], "teacher_flops": summary["teacher_flops"],
+           "tokens": summary["tokens"], "device_seconds": summary["device_seconds"],
+           "unique_tokens": summary["unique_tokens"], "epochs": summary["epochs"], "steps": summary["steps"],
+           "lr": cell["lr"], "lr_source": cell["lr_source"], "mlm_val_loss": summary["mlm_val_loss"],
+           "kd_loss": summary["kd_loss"], **scores["scores"], "glue_score": scores["glue_score"],
+           "checkpoint": summary["checkpoint"], "wall_seconds": time.time() - started,
+           "curve": json.dumps(summary["curve"])}
+    tune.report({"glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+
+
+def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
+    """The trial process's share, plus one bundle per teacher actor it starts (Tune requires the slots).
+
+    The training workers are not in it: Ray Train gives them a placement group of their own.
+    """
+    cell, spec = trial_config["cell"], trial_config["study"]["spec"]
+    bundles = [{"CPU": trial_config["study"]["trial_cpus"]}]
+    if cell["strategy"] != "scratch" and spec["teacher_placement"] == "actor":
+        actor = {"CPU": spec["teacher_actor_cpus"], **({"GPU": spec["teacher_actor_gpus"]} if spec["teacher_actor_gpus"] else {})}
+        bundles += [actor] * spec["teacher_actors"]
+    return tune.PlacementGroupFactory(bundles)
+
+
+class RowWriter(tune.Callback):
+    """In the driver: each trial's final row goes to disk the moment the trial completes."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if "row_json" in (trial.last_result or {}):
+            write_row(self.out, json.loads(trial.last_result["row_json"]))
+            collect_results(self.out)
+
+
+def write_row(out: Path, row: dict) -> None:
+    """Atomically write one trial's row."""
+    folder = out / TRIALS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{row['trial_id']}.json"
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(row, default=float))
+    os.replace(staging, path)
+
+
+def finished_rows(out: Path) -> list[dict]:
+    folder = out / TRIALS_DIR
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def collect_results(out: Path) -> pd.DataFrame:
+    """Rebuild results.parquet and curves.parquet from the finished trials' rows (atomic writes)."""
+    rows = finished_rows(out)
+    if not rows:
+        return pd.DataFrame()
+    curves = []
+    for row in rows:
+        for point in json.loads(row.pop("curve", "[]")):
+            curves.append({"trial_id": row["trial_id"], **point})
+    results = pd.DataFrame(rows)
+    _write_parquet(results, out / RESULTS_FILE)
+    if curves:
+        _write_parquet(pd.DataFrame(curves), out / CURVES_FILE)
+    return results
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(staging, index=False)
+    os.replace(staging, path)
+
+
+def check_output(out: Path, resume: bool) -> None:
+    """Refuse to mix a new study into a folder holding another's results, unless resuming."""
+    if finished_rows(out) and not resume:
+        raise ConfigError("out", f"{out} already holds finished trials; pass --resume to complete that study "
+                                 f"or choose another --out")
+
+
+def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
+              cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet)."""
+    out = Path(out).resolve()
+    check_output(out, resume)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    storage_path = storage or str(out / "ray")
+    if not ray.is_initialized():
+        # A cluster address (RAY_ADDRESS) is joined; otherwise a local Ray with the preset's logical CPUs.
+        local = "RAY_ADDRESS" not in os.environ
+        ray.init(num_cpus=config.sweep.ray_cpus if local else None, include_dashboard=False)
+    meta_path = prepare_data(config, cache)
+    meta = load_meta(meta_path)
+    cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
+    tuned, tuned_source = learning_rates(config, out)
+    tasks_dir = prepare_tasks(config, cache)
+    out.mkdir(parents=True, exist_ok=True)
+    key = config_hash(config.to_dict(), str(out))
+    (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
+                                              "config": config.to_dict()}, indent=1))
+    done = {row["trial_id"] for row in finished_rows(out)}
+    todo = [cell for cell in cells if cell["trial_id"] not in done]
+    if todo:
+        needs_teacher = any(cell["strategy"] != "scratch" for cell in todo)
+        teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+        for cell in todo:
+            cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
+        study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path,
+                 "key": key, "trial_cpus": config.sweep.trial_cpus, "tokenizer_dir": str(Path(meta_path).parent / meta["tokenizer"]),
+                 "tasks_dir": str(tasks_dir) if tasks_dir else None, "eval": asdict(config.eval)}
+        trainable = tune.with_resources(pretrain_and_evaluate, trial_resources)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search(todo), "study": study},
+            tune_config=tune.TuneConfig(max_concurrent_trials=config.sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name=f"grid-{key}-{int(time.time())}", storage_path=storage_path,
+                                      callbacks=[RowWriter(out)], verbose=1),
+        )
+        tuner.fit()
+    results = collect_results(out)
+    missing = [cell["trial_id"] for cell in cells if cell["trial_id"] not in set(results.get("trial_id", []))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trial(s) did not finish: {', '.join(missing)}; rerun with --resume")
+    return results
+
+
+def summary_table(results: pd.DataFrame) -> str:
+    """Strategy × budget × repetition → tokens, passes, MLM loss, GLUE score (means over seeds)."""
+    columns = ["tokens", "epochs", "mlm_val_loss", "glue_score"]
+    table = results.groupby(["budget", "repetition", "strategy"], sort=True)[columns].mean()
+    return table.to_string(float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "nan")

@@ -1,0 +1,53 @@
+"""Run the study: teacher stage, the strategy x budget x repetition x seed grid, GLUE evaluation.
+
+    python sweeps/grid.py                                  # the toy study ("local" preset), offline
+    python sweeps/grid.py --preset smoke --out runs/smoke  # the < 5 min version the tests run
+    python sweeps/grid.py --preset paper --storage s3://BUCKET/raykd   # on a cluster (ray up cluster/aws.yaml)
+    python sweeps/grid.py --config my.yaml budgets='[1e12, 2e12]' train.lr=5e-4
+    python sweeps/grid.py --out runs/local --resume        # complete an interrupted study
+
+Results: OUT/results.parquet (one row per pretraining trial), OUT/curves.parquet,
+OUT/study.json; `python -m analysis.report OUT` turns them into tables and plots.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--preset", default="local", choices=PRESETS)
+    parser.add_argument("--config", help="YAML file overriding the preset")
+    parser.add_argument("--out", help="output folder (default: runs/<preset>)")
+    parser.add_argument("--storage", help="Ray Train/Tune storage: a local path or s3://... (default: OUT/ray)")
+    parser.add_argument("--cache-dir", help="where corpus, tasks and teachers are cached (default: $RAYKD_CACHE or ~/.cache/raykd)")
+    parser.add_argument("--resume", action="store_true", help="complete the study in OUT; finished trials are kept")
+    parser.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. train.lr=5e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray needs no token; a cluster sets its own
+    from raykd.sweep import run_study, summary_table
+
+    try:
+        config = load_config(args.preset, args.config, args.overrides)
+        out = Path(args.out or f"runs/{args.preset}")
+        results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"grid.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"\n{summary_table(results)}\n")
+    print(f"results: {out.resolve() / 'results.parquet'} ({len(results)} trials)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
