@@ -81,6 +81,14 @@ class ForwardNeeds:
             return layers
         return max((*self.hidden_layers, *self.score_layers, *self.qkv_layers), default=0)
 
+    def union(self, other: "ForwardNeeds") -> "ForwardNeeds":
+        """Everything either of two needs asks for."""
+        def merged(a, b):
+            return tuple(sorted(set(a) | set(b)))
+
+        return ForwardNeeds(merged(self.hidden_layers, other.hidden_layers), merged(self.score_layers, other.score_layers),
+                            merged(self.qkv_layers, other.qkv_layers), self.masked_logits or other.masked_logits)
+
     def top_is_qkv_only(self, layers: int) -> bool:
         """True when the top layer is needed only for its Q/K/V projections (MiniLM)."""
         top = self.upto_layer(layers)

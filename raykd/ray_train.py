@@ -36,7 +36,7 @@ from raykd.data.stream import PretrainStream, validation_batches
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import StrategyOptions, build_strategy
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
-from raykd.train import StudentStep, make_optimizer, mlm_validation_loss, pretrain
+from raykd.train import StudentStep, make_optimizer, pretrain, validation_losses
 
 STATE_FILE = "state.json"
 CURVE_FILE = "curve.jsonl"
@@ -117,7 +117,7 @@ def worker_loop(config: dict) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if spec.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
 
     student, strategy = _build(spec)
-    step_module = StudentStep(student, strategy).to(device)
+    plain_module = step_module = StudentStep(student, strategy).to(device)
     optimizer = make_optimizer(step_module, spec.peak_lr, tuple(spec.betas), spec.eps, spec.weight_decay)
     meter = BudgetMeter(spec.budget, spec.budget_unit, devices=spec.devices())
     curve, counts = [], None
@@ -153,6 +153,7 @@ def worker_loop(config: dict) -> None:
     fetched = collections.deque()  # example ids of batches handed to the loop, not yet trained on
     batches = (_to(batch, device) for batch in _remembered(stream.batches(start_step=meter.ledger.steps), fetched))
     eval_marks = [k / spec.eval_points for k in range(1, spec.eval_points)]
+    latest = {"mlm_val_loss": math.nan, "val_loss": math.nan}
     next_mark = sum(1 for m in eval_marks if meter.fraction >= m)
     for report in pretrain(step_module, strategy, batches, meter, optimizer, peak_lr=spec.peak_lr,
                            student_shape=spec.student_shape(), teacher_shape=spec.teacher_model_shape(),
@@ -163,16 +164,18 @@ def worker_loop(config: dict) -> None:
             for example in trained.tolist():
                 counts[example] = counts.get(example, 0) + 1
         row = {"step": report.step, "budget_fraction": report.fraction, "lr": report.lr, "loss": report.loss,
-               **report.parts, **report.ledger, "mlm_val_loss": math.nan}
+               **report.parts, **report.ledger, "mlm_val_loss": math.nan, "val_loss": math.nan}
         evaluate = next_mark < len(eval_marks) and report.fraction >= eval_marks[next_mark]
         if evaluate:
             next_mark += 1
-            row["mlm_val_loss"] = _validation_loss(student, spec, rank, device)
+            row.update(_validation(plain_module, teacher, spec, rank, device))
+            latest = {k: row[k] for k in ("mlm_val_loss", "val_loss")}
         curve.append(row)
         if evaluate or report.step % spec.checkpoint_every == 0:
-            _report(row, spec, rank, step_module, optimizer, meter, curve, counts, stream, final=False)
+            # Tune (ASHA) sees the latest validation losses at every report, not NaN between points.
+            _report({**row, **latest}, spec, rank, step_module, optimizer, meter, curve, counts, stream, final=False)
     row = {**(curve[-1] if curve else {}), **meter.ledger.to_dict(), "budget_fraction": meter.fraction}
-    row["mlm_val_loss"] = _validation_loss(student, spec, rank, device)
+    row.update(_validation(plain_module, teacher, spec, rank, device))
     curve.append({**row, "final": True})
     _report(row, spec, rank, step_module, optimizer, meter, curve, counts, stream, final=True)
 
@@ -188,12 +191,12 @@ def _remembered(batches, fetched: collections.deque):
         yield batch
 
 
-def _validation_loss(student, spec: TrialSpec, rank: int, device) -> float:
-    """MLM validation loss on fixed masks; computed on rank 0 (others report NaN)."""
+def _validation(step_module, teacher, spec: TrialSpec, rank: int, device) -> dict:
+    """Validation losses on fixed masks, computed on rank 0 (the others report NaN)."""
     if rank != 0:
-        return math.nan
+        return {"mlm_val_loss": math.nan, "val_loss": math.nan}
     batches = validation_batches(spec.meta_path, spec.per_worker_batch, spec.seed, max_examples=spec.validation_examples)
-    return mlm_validation_loss(student, (_to(b, device) for b in batches))
+    return validation_losses(step_module, (_to(b, device) for b in batches), teacher)
 
 
 def _report(row, spec, rank, step_module, optimizer, meter, curve, counts, stream, *, final: bool) -> None:

@@ -35,6 +35,13 @@ def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
     data = config.data
     out = cache_dir / f"data-{config_hash(asdict(data))}"
     source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
+    try:
+        return _prepare_corpus(out, source, data)
+    except (ValueError, FileNotFoundError) as error:  # a bad file or shard: bad input, named
+        raise ConfigError("data", str(error)) from None
+
+
+def _prepare_corpus(out: Path, source: str, data) -> Path:
     return prepare_corpus(out, source, seed=data.seed, num_documents=data.num_documents,
                           validation_documents=data.validation_documents, seq_len=data.seq_len,
                           vocab_size=data.vocab_size, tokenizer=data.tokenizer, text_column=data.text_column,

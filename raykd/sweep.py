@@ -235,6 +235,13 @@ def check_output(out: Path, resume: bool) -> None:
                                  f"or choose another --out")
 
 
+def start_ray(config: StudyConfig) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local Ray with the preset's logical CPUs."""
+    if not ray.is_initialized():
+        local = "RAY_ADDRESS" not in os.environ
+        ray.init(num_cpus=config.sweep.ray_cpus if local else None, include_dashboard=False)
+
+
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
               cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet)."""
@@ -242,15 +249,12 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     check_output(out, resume)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage or str(out / "ray")
-    if not ray.is_initialized():
-        # A cluster address (RAY_ADDRESS) is joined; otherwise a local Ray with the preset's logical CPUs.
-        local = "RAY_ADDRESS" not in os.environ
-        ray.init(num_cpus=config.sweep.ray_cpus if local else None, include_dashboard=False)
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
     cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
+    start_ray(config)
     out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config.to_dict(), str(out))
     (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
@@ -279,6 +283,104 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     if missing:
         raise RuntimeError(f"{len(missing)} trial(s) did not finish: {', '.join(missing)}; rerun with --resume")
     return results
+
+
+def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
+                  storage: str | None = None) -> tuple[dict, float]:
+    """Pretrain the first cell of the grid on Ray Train (no Tune, no GLUE).
+
+    Returns the trial's summary and one step's charge in the budget unit
+    (flops or tokens; every step costs the same, the masking draws an exact count).
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    meta_path = prepare_data(config, cache)
+    meta = load_meta(meta_path)
+    cell = plan_cells(config, meta)[0]
+    start_ray(config)
+    storage_path = storage or str(cache / "runs")
+    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if cell["strategy"] != "scratch" else None
+    from raykd.ray_train import TrialSpec, run_pretraining
+
+    spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
+                     seed=cell["seed"], peak_lr=config.train.lr,
+                     **trial_spec_fields(config, meta_path, meta, teacher_dir))
+    summary = run_pretraining(spec, storage_path, name=f"pretrain-{cell['trial_id']}-{int(time.time())}")
+    global_batch = config.train.per_worker_batch * config.train.workers
+    masked = global_batch * masked_per_sequence(meta["seq_len"], config.data.mask_prob, meta["special_ids"],
+                                                meta["vocab_size"])
+    shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
+    strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options.options())
+    charge = step_flops(strategy, shape, teacher_shape, meta["vocab_size"], global_batch, meta["seq_len"], masked).total
+    return summary, charge if config.budget_unit == "flops" else float(global_batch * meta["seq_len"])
+
+
+def pretrain_for_tuning(trial_config: dict) -> None:
+    """A Tune trial of the LR search: pretrain one cell at the sampled LR; Train's reports drive ASHA."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.ray_train import TrialSpec, run_pretraining
+
+    cell, study = trial_config["cell"], trial_config["study"]
+    spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"] * study["budget_fraction"],
+                     unique_examples=cell["unique_examples"], seed=cell["seed"], peak_lr=trial_config["lr"],
+                     **study["spec"])
+    name = f"tune-{study['key']}-{tune.get_context().get_trial_id()}"
+    summary = run_pretraining(spec, study["storage"], name=name, callbacks=[TuneReportCallback()])
+    last = summary["curve"][-1]
+    tune.report({"val_loss": last["val_loss"], "mlm_val_loss": last["mlm_val_loss"], "budget_fraction": 1.0})
+
+
+def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | None = None,
+                        cache_dir: str | Path | None = None) -> dict:
+    """Optuna (TPE) + ASHA over the peak LR, per (strategy, budget); winners go to out/tuned_lr.json.
+
+    The objective is the strategy's own validation loss (`val_loss`): the MLM loss for
+    `scratch` and `vanilla_kd`'s mix, the distillation loss for `tinybert` and `minilm`,
+    whose losses never train the LM head. Each search uses the first repetition's pool
+    and the first seed.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    out = Path(out).resolve()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    storage_path = storage or str(out / "ray")
+    meta_path = prepare_data(config, cache)
+    meta = load_meta(meta_path)
+    start_ray(config)
+    cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
+    out.mkdir(parents=True, exist_ok=True)
+    needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
+    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+    key = config_hash(config.to_dict(), str(out), "tune")
+    study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path, "key": key,
+             "trial_cpus": config.sweep.trial_cpus, "budget_fraction": config.tune.budget_fraction}
+    path = out / TUNED_LR_FILE
+    tuned = json.loads(path.read_text()) if path.exists() else {"lr": {}, "searches": {}}
+    for cell in cells:
+        scheduler = ASHAScheduler(time_attr="budget_fraction", max_t=1.0,
+                                  grace_period=config.tune.grace_points / config.train.eval_points, reduction_factor=2)
+        tuner = tune.Tuner(
+            tune.with_resources(pretrain_for_tuning, trial_resources),
+            param_space={"lr": tune.loguniform(config.tune.lr_min, config.tune.lr_max), "cell": cell, "study": study},
+            tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=config.tune.trials,
+                                        search_alg=OptunaSearch(seed=cell["seed"]), scheduler=scheduler,
+                                        max_concurrent_trials=config.sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name=f"tune-lr-{cell['trial_id']}-{int(time.time())}", storage_path=storage_path,
+                                      verbose=1),
+        )
+        results = tuner.fit()
+        best = results.get_best_result(metric="val_loss", mode="min", scope="last")
+        lr = float(best.config["lr"])
+        tuned["lr"].setdefault(cell["strategy"], {})[budget_key(cell["budget"])] = lr
+        tuned["searches"][cell["trial_id"]] = {
+            "best_lr": lr, "best_val_loss": float(best.metrics["val_loss"]),
+            "trials": [{"lr": float(r.config["lr"]), "val_loss": float(r.metrics.get("val_loss", math.nan)),
+                        "budget_fraction": float(r.metrics.get("budget_fraction", math.nan))} for r in results]}
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text(json.dumps(tuned, indent=1))
+        os.replace(staging, path)  # each finished search is kept even if a later one fails
+    return tuned
 
 
 def summary_table(results: pd.DataFrame) -> str:

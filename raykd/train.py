@@ -132,17 +132,24 @@ def pretrain(
 
 
 @torch.no_grad()
-def mlm_validation_loss(student: nn.Module, batches: Iterable[dict]) -> float:
-    """Mean masked-LM cross-entropy (nats per masked token) over validation batches."""
-    was_training = student.training
-    student.eval()
-    total, count = 0.0, 0
-    needs = ForwardNeeds(masked_logits=True)
+def validation_losses(step_module: StudentStep, batches: Iterable[dict], teacher: Teacher | None = None) -> dict:
+    """On held-out batches with fixed masks: the MLM loss (nats per masked token) and the
+    strategy's own objective (`val_loss`; equal to the MLM loss for `scratch`)."""
+    student, strategy = step_module.student, step_module.strategy
+    needs = strategy.student_needs().union(ForwardNeeds(masked_logits=True))
+    was_training = step_module.training
+    step_module.eval()
+    mlm_total, masked, objective_total, sequences = 0.0, 0, 0.0, 0
     for raw in batches:
         batch = prepare_batch(raw)
         captured = encode(student, batch["input_ids"], batch["attention_mask"], needs, batch["masked_positions"])
         n = int(batch["masked_targets"].numel())
-        total += float(mlm_loss(captured.masked_logits, batch["masked_targets"])) * n
-        count += n
-    student.train(was_training)
-    return total / count if count else math.nan
+        mlm_total += float(mlm_loss(captured.masked_logits, batch["masked_targets"])) * n
+        masked += n
+        outputs = teacher.collect(teacher.request(batch)) if teacher is not None else None
+        objective, _ = strategy.loss(captured, outputs, batch)
+        objective_total += float(objective) * len(batch["input_ids"])
+        sequences += len(batch["input_ids"])
+    step_module.train(was_training)
+    return {"mlm_val_loss": mlm_total / masked if masked else math.nan,
+            "val_loss": objective_total / sequences if sequences else math.nan}

@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Logical CPUs: 2 physical cores, oversubscribed so that training workers,
 # teacher actors and Ray Data can all be scheduled (threads are set by hand).
-RAY_TEST_CPUS = 4
+RAY_TEST_CPUS = 8
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,62 @@ def ray_local():
         ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def raykd_cache(tmp_path_factory):
+    """One corpus/task/teacher cache for the whole session (stages are cached by config hash)."""
+    return tmp_path_factory.mktemp("raykd-cache")
+
+
+def sweep_command(script, *args):
+    import sys
+
+    return [sys.executable, str(REPO / "sweeps" / script), *args]
+
+
+def sweep_env(ray):
+    """Environment for a sweep script: join the session's Ray instead of starting another."""
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_study(ray_local, raykd_cache, tmp_path_factory):
+    """The smoke study as a user runs it, interrupted and resumed.
+
+    1. `tune_lr.py --preset smoke` for two strategies (so the grid has tuned and default LRs);
+    2. `grid.py --preset smoke`, its driver SIGKILLed as soon as the first trial's row is written;
+    3. `grid.py --preset smoke --resume`, which completes it.
+    Returns the output folder and what was on disk at the moment of the kill.
+    """
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path_factory.mktemp("smoke-study")
+    env = sweep_env(ray_local)
+    common = ["--preset", "smoke", "--out", str(out), "--cache-dir", str(raykd_cache)]
+    tuned = subprocess.run(sweep_command("tune_lr.py", *common, "strategies=[scratch, tinybert]"), env=env,
+                           capture_output=True, text=True, timeout=1500)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+
+    log = open(out / "first-run.log", "w")
+    driver = subprocess.Popen(sweep_command("grid.py", *common), env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 1500
+    rows_dir = out / "trials"
+    while time.time() < deadline and driver.poll() is None and not any(rows_dir.glob("*.json")):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    log.close()
+    at_kill = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in rows_dir.glob("*.json")}
+
+    resumed = subprocess.run(sweep_command("grid.py", *common, "--resume"), env=env, capture_output=True,
+                             text=True, timeout=1500)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache}

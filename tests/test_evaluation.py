@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from raykd.evaluation import (
     TASKS,
+    _encode,
     evaluate_student,
     finetune_task,
     load_student_classifier,
@@ -249,6 +250,42 @@ def test_missing_student_checkpoint_fails_before_training(tmp_path, tokenizer_di
         finetune_task(str(tmp_path / "nowhere"), tokenizer_dir, "cola", data_dir=data_dir)
 
 
+def test_out_of_range_label_is_refused_before_training(tmp_path, student_dir, tokenizer_dir):
+    rows = _marker_rows(random.Random(0), 8)
+    _write_jsonl(tmp_path / "sst2" / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "sst2" / "validation.jsonl", [dict(row, label=-1) for row in rows])  # GLUE test-style
+    with pytest.raises(ValueError, match=r"validation column 'label' holds -1"):
+        finetune_task(student_dir, tokenizer_dir, "sst2", data_dir=str(tmp_path), **QUICK)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"learning_rates": ()}, "learning_rates"),
+        ({"learning_rates": ("1e-5",)}, "learning_rates"),
+        ({"batch_sizes": (16, 0)}, "batch_sizes"),
+        ({"epochs": 0}, "epochs"),
+        ({"max_seq_len": 65}, "max_position_embeddings"),
+        ({"max_train_examples": 0}, "max_train_examples"),
+    ],
+)
+def test_bad_settings_are_named(override, field, student_dir, tokenizer_dir, data_dir):
+    with pytest.raises(ValueError, match=field):
+        finetune_task(student_dir, tokenizer_dir, "cola", data_dir=data_dir, **dict(QUICK, **override))
+
+
+def test_pairs_are_encoded_with_segment_ids(tokenizer_dir, data_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    split = load_task("mrpc", data_dir)["validation"].select(range(3))
+    examples, labels = _encode(tokenizer, split, ("sentence1", "sentence2"), 64, regression=False)
+    for (ids, types), row in zip(examples, split):
+        first = tokenizer(row["sentence1"], add_special_tokens=False)["input_ids"]
+        second = tokenizer(row["sentence2"], add_special_tokens=False)["input_ids"]
+        assert ids == [2, *first, 3, *second, 3]
+        assert types == [0] * (len(first) + 2) + [1] * (len(second) + 1)
+    assert labels.tolist() == split["label"][:]
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 
@@ -288,7 +325,9 @@ def test_best_score_is_the_maximum_over_the_grid(student_dir, tokenizer_dir, dat
     result = finetune_task(student_dir, tokenizer_dir, "mrpc", data_dir=data_dir, **options)
     cells = [(cell["learning_rate"], cell["batch_size"]) for cell in result["grid"]]
     assert cells == [(1e-4, 16), (1e-4, 32), (3e-3, 16), (3e-3, 32)]
-    every = [(score, cell, epoch) for cell in result["grid"] for epoch, score in enumerate(cell["epoch_scores"], 1)]
+    every = [
+        (score, cell, epoch) for cell in result["grid"] for epoch, score in enumerate(cell["epoch_scores"], 1)
+    ]
     best_score, best_cell, best_epoch = max(every, key=lambda item: item[0])
     assert len({score for score, _, _ in every}) > 1  # the cells really differ
     assert result["score"] == best_score

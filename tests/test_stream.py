@@ -234,11 +234,32 @@ def test_missing_and_corrupt_shards_are_named(tmp_path):
     pq.write_table(pq.read_table(root / "train" / "shard-00000.parquet").slice(0, 7), shard)
     with pytest.raises(ValueError, match="shard-00001.parquet.*7 rows"):
         stream(root, unique_examples=10)
+    first_shard = root / "train" / "shard-00000.parquet"
+    original = pq.read_table(first_shard)
+    shifted = original.set_column(0, "example_id", pa.array(np.arange(50, 100), pa.int64()))
+    pq.write_table(shifted, first_shard)
+    with pytest.raises(ValueError, match="shard-00000.parquet: example ids span 50..99"):
+        stream(root, unique_examples=10)
+    pq.write_table(original, first_shard)
+    pq.write_table(pa.table({"example_id": np.arange(50), "input_ids": ["text"] * 50}), shard)
+    with pytest.raises(ValueError, match="shard-00001.parquet: input_ids is string"):
+        stream(root, unique_examples=10)
     (root / "validation" / "shard-00000.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(ValueError, match="validation/shard-00000.parquet"):
         validation_batches(root, batch_size=4, seed=0)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         stream(tmp_path / "nowhere")
+
+
+def test_rows_that_disagree_with_the_plan_stop_the_stream(tmp_path, ray_local):
+    root = write_shards(tmp_path / "c", num_train=100, num_validation=10, per_shard=50)
+    path = root / "train" / "shard-00001.parquet"
+    table = pq.read_table(path)
+    ids = np.arange(50, 100)
+    ids[7] = 56  # a duplicated id: row and id counts and the id range still look right
+    pq.write_table(table.set_column(0, "example_id", pa.array(ids, pa.int64())), path)
+    with pytest.raises(ValueError, match="read 101 rows, planned 100"):
+        list(stream(root, unique_examples=100, max_passes=1).batches())
 
 
 def test_bad_stream_settings_name_the_field(corpus):

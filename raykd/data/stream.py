@@ -37,11 +37,14 @@ from raykd.data.masking import mask_batch
 # Seed-sequence tags keep the pool and the pass orders independent draws of one seed.
 _POOL_TAG = 0
 _ORDER_TAG = 1
-# A window is one pass of this worker's rows, clamped: small pools would pay Ray
+# Windows start small (a quick first batch, cheap resumes and short trials) and
+# double up to one pass of this worker's rows, clamped: small pools would pay Ray
 # Data's start-up (a read, a sort) too often, large ones would not fit in memory.
+_FIRST_WINDOW_EXAMPLES = 1 << 12
 _MIN_WINDOW_EXAMPLES = 1 << 16
 _MAX_WINDOW_EXAMPLES = 1 << 22
 _SORT_PARTITION_EXAMPLES = 1 << 13
+_CHUNK_STEPS = 64
 
 
 def unique_examples_for(scratch_tokens: int, repetition: float, seq_len: int) -> int:
@@ -95,15 +98,35 @@ def check_shards(root: Path, meta: dict, split: str) -> list[dict]:
             footer = pq.ParquetFile(path).metadata
         except (pa.ArrowException, OSError) as error:
             raise ValueError(f"corrupt shard {path}: {error}") from None
-        names = set(footer.schema.to_arrow_schema().names)
-        if not {"example_id", "input_ids"} <= names:
-            raise ValueError(f"corrupt shard {path}: columns {sorted(names)} lack example_id/input_ids")
+        schema = footer.schema.to_arrow_schema()
+        if "example_id" not in schema.names or "input_ids" not in schema.names:
+            raise ValueError(f"corrupt shard {path}: columns {schema.names} lack example_id/input_ids")
+        token_type = schema.field("input_ids").type
+        if not (pa.types.is_list(token_type) and pa.types.is_integer(token_type.value_type)):
+            raise ValueError(f"corrupt shard {path}: input_ids is {token_type}, not a list of integers")
         if footer.num_rows != entry["num_examples"]:
             raise ValueError(
                 f"corrupt shard {path}: {footer.num_rows} rows, metadata says {entry['num_examples']}"
             )
+        first, last = _id_range(footer, schema.get_field_index("example_id"))
+        expected = (entry["first_example_id"], entry["first_example_id"] + entry["num_examples"] - 1)
+        if first is not None and (first, last) != expected:
+            raise ValueError(f"corrupt shard {path}: example ids span {first}..{last}, metadata says "
+                             f"{expected[0]}..{expected[1]}")
         shards.append({**entry, "path": str(path)})
     return shards
+
+
+def _id_range(footer: pq.FileMetaData, column: int) -> tuple[int | None, int | None]:
+    """Smallest and largest example id from the footer's statistics (None if not written)."""
+    low, high = None, None
+    for group in range(footer.num_row_groups):
+        stats = footer.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None, None
+        low = stats.min if low is None else min(low, stats.min)
+        high = stats.max if high is None else max(high, stats.max)
+    return low, high
 
 
 def select_pool(num_examples: int, unique_examples: int, seed: int) -> np.ndarray:
@@ -194,7 +217,9 @@ class PretrainStream:
 
     `unique_examples` is the pool size (see `unique_examples_for`);
     `max_passes` bounds the stream (None: endless). Step s is global batch s:
-    every worker yields its slice of it as its s-th batch.
+    every worker yields its slice of it as its s-th batch. `window_examples`
+    caps the rows Ray Data reads and sorts at once (default: one pass of this
+    worker's rows, clamped to [2^16, 2^22]); it changes speed, never the stream.
     """
 
     def __init__(
@@ -246,6 +271,7 @@ class PretrainStream:
                 max(-(-unique_examples // world_size), _MIN_WINDOW_EXAMPLES), _MAX_WINDOW_EXAMPLES
             )
         self.window_steps = max(1, window_examples // per_worker_batch)
+        self.first_window_steps = max(1, min(window_examples, _FIRST_WINDOW_EXAMPLES) // per_worker_batch)
 
     @property
     def unique_examples(self) -> int:
@@ -299,11 +325,8 @@ class PretrainStream:
             example_ids[in_pass] = order[positions[in_pass] % self.unique_examples]
         return example_ids, pass_index
 
-    def _window(self, start_step: int, stop_step: int):
-        """A Ray Dataset of this worker's masked rows over steps [start_step, stop_step), in order."""
-        example_ids, pass_index = self.plan(start_step, stop_step)
-        if len(example_ids) == 0:
-            return None
+    def _window(self, example_ids: np.ndarray, pass_index: np.ndarray) -> ray.data.Dataset:
+        """A Ray Dataset of the planned rows, masked, in the planned order."""
         masking = {
             "seed": self.seed,
             "special_ids": self.special_ids,
@@ -362,32 +385,54 @@ class PretrainStream:
                 bounds = next(windows, None)
                 upcoming = opener.submit(self._open, *bounds) if bounds else None
                 for columns in current:
-                    yield _to_tensors(columns, self.special_ids["pad"])
+                    chunk = _to_tensors(columns, self.special_ids["pad"])
+                    for begin in range(0, len(chunk["example_id"]), self.per_worker_batch):
+                        yield {name: t[begin : begin + self.per_worker_batch] for name, t in chunk.items()}
         finally:
-            opener.shutdown(wait=False, cancel_futures=True)
+            # A consumer that stops early waits here for a window still opening, so
+            # no thread outlives the stream (e.g. into ray.shutdown).
+            opener.shutdown(wait=True, cancel_futures=True)
 
     def _windows(self, step: int) -> Iterator[tuple[int, int]]:
-        """[start, stop) step ranges of consecutive windows from `step` on."""
+        """[start, stop) step ranges of consecutive windows from `step` on, doubling in size."""
+        size = self.first_window_steps
         while self.num_steps is None or step < self.num_steps:
-            stop = step + self.window_steps
+            stop = step + size
             if self.num_steps is not None:
                 stop = min(stop, self.num_steps)
             yield step, stop
-            step = stop
+            step, size = stop, min(2 * size, self.window_steps)
 
     def _open(self, start_step: int, stop_step: int) -> Iterator[dict]:
-        """Start a window's execution and wait for its first batch of numpy columns."""
-        window = self._window(start_step, stop_step)
-        if window is None:
+        """Start a window's execution and wait for its first chunk of numpy columns.
+
+        A chunk holds whole steps; Ray Data's cost per batch (~0.5 ms here) would
+        exceed a small model's step, so it hands out chunks that are split after.
+        """
+        example_ids, pass_index = self.plan(start_step, stop_step)
+        if len(example_ids) == 0:
             return iter(())
-        # numpy batches converted here are ~2x cheaper per batch than iter_torch_batches.
-        batches = iter(
-            window.iter_batches(
-                batch_size=self.per_worker_batch, batch_format="numpy", prefetch_batches=4
+        chunks = iter(
+            self._window(example_ids, pass_index).iter_batches(
+                batch_size=self.per_worker_batch * _CHUNK_STEPS, batch_format="numpy", prefetch_batches=2
             )
         )
-        first = next(batches, None)
-        return batches if first is None else itertools.chain([first], batches)
+        first = next(chunks, None)
+        chunks = chunks if first is None else itertools.chain([first], chunks)
+        return _checked(chunks, len(example_ids), start_step)
+
+
+def _checked(chunks: Iterator[dict], planned: int, start_step: int) -> Iterator[dict]:
+    """Pass chunks through; fail if the window held other than the planned number of rows."""
+    delivered = 0
+    for chunk in chunks:
+        delivered += len(chunk["example_id"])
+        yield chunk
+    if delivered != planned:
+        raise ValueError(
+            f"the window from step {start_step} read {delivered} rows, planned {planned}: "
+            "the shards' example ids disagree with meta.json"
+        )
 
 
 def validation_batches(

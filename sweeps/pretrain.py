@@ -1,0 +1,58 @@
+"""One pretraining trial (one grid cell, no Tune, no GLUE), printing its budget ledger.
+
+    python sweeps/pretrain.py --preset smoke --strategy tinybert
+    python sweeps/pretrain.py --preset local --strategy vanilla_kd --budget 5e11 --repetition 2
+
+Runs the preset's stages (corpus, teacher; cached) and one Ray Train trial,
+then prints the ledger in every unit and checks the stop rule of SPEC §3:
+spent <= budget and budget - spent < the charge of the step that was refused.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="smoke", choices=PRESETS)
+    parser.add_argument("--config")
+    parser.add_argument("--strategy", default="scratch")
+    parser.add_argument("--budget", type=float, help="default: the preset's first budget")
+    parser.add_argument("--repetition", type=float, help="default: the preset's first repetition")
+    parser.add_argument("--cache-dir")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        overrides = [f"strategies=[{args.strategy}]", *args.overrides]
+        if args.budget is not None:
+            overrides.append(f"budgets=[{args.budget}]")
+        if args.repetition is not None:
+            overrides.append(f"repetitions=[{args.repetition}]")
+        config = load_config(args.preset, args.config, overrides)
+    except ConfigError as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    from raykd.sweep import pretrain_cell
+
+    summary, step_charge = pretrain_cell(config, cache_dir=args.cache_dir)
+    ledger = {k: summary[k] for k in ("flops", "teacher_flops", "tokens", "device_seconds", "steps",
+                                      "unique_tokens", "epochs", "mlm_val_loss")}
+    budget = config.budgets[0]
+    spent = ledger[config.budget_unit]
+    print(json.dumps(ledger, indent=1))
+    refused_charge = step_charge if config.budget_unit != "device_seconds" else float("nan")
+    print(f"budget {budget:.6g} {config.budget_unit}: spent {spent:.6g}, left {budget - spent:.6g}, "
+          f"next step's charge {refused_charge:.6g} -> stop rule "
+          f"{'holds' if spent <= budget and budget - spent < refused_charge else 'VIOLATED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""Tune the peak pretraining learning rate per (strategy, budget) with Optuna (TPE) and ASHA.
+
+    python sweeps/tune_lr.py --preset smoke            # writes runs/smoke/tuned_lr.json
+    python sweeps/grid.py --preset smoke               # then uses those LRs (lr_source: tuned:...)
+
+Search space and effort: the `tune` section of the config (trials, lr_min, lr_max,
+budget_fraction, grace_points). The winners are written to OUT/tuned_lr.json,
+where grid.py with the same --out reads them.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
+
+from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--preset", default="local", choices=PRESETS)
+    parser.add_argument("--config", help="YAML file overriding the preset")
+    parser.add_argument("--out", help="output folder shared with grid.py (default: runs/<preset>)")
+    parser.add_argument("--storage", help="Ray storage: a local path or s3://... (default: OUT/ray)")
+    parser.add_argument("--cache-dir", help="corpus/teacher cache (default: $RAYKD_CACHE or ~/.cache/raykd)")
+    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from raykd.sweep import TUNED_LR_FILE, tune_learning_rates
+
+    try:
+        config = load_config(args.preset, args.config, args.overrides)
+        out = Path(args.out or f"runs/{args.preset}")
+        tuned = tune_learning_rates(config, out, storage=args.storage, cache_dir=args.cache_dir)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"tune_lr.py: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(tuned["lr"], indent=1))
+    print(f"tuned learning rates: {out.resolve() / TUNED_LR_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Ray Train trials: 2 DDP workers + a teacher actor, the ledger, faults, and the teacher cache."""
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import ray
+
+from raykd.config import load_config
+from raykd.data.shards import load_meta
+from raykd.flops import step_flops
+from raykd.models import ModelShape, build_masked_lm
+from raykd.ray_train import TrialSpec, run_pretraining
+from raykd.stages import ensure_teacher, prepare_data
+from raykd.strategies import StrategyOptions, build_strategy
+from raykd.sweep import masked_per_sequence
+
+STUDENT = ModelShape(2, 32, 2, 64)
+TEACHER = ModelShape(2, 64, 2, 128)
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def corpus(raykd_cache, tmp_path_factory):
+    config = load_config("smoke")
+    meta_path = prepare_data(config, raykd_cache)
+    meta = load_meta(meta_path)
+    teacher_dir = tmp_path_factory.mktemp("teacher")
+    build_masked_lm(TEACHER, meta["vocab_size"], meta["seq_len"], seed=1).save_pretrained(teacher_dir)
+    return meta_path, meta, str(teacher_dir)
+
+
+def spec_for(corpus, strategy, steps=12, **changes):
+    meta_path, meta, teacher_dir = corpus
+    options = StrategyOptions(relation_heads=2)
+    step = step_charge(strategy, meta, workers=changes.get("workers", 2)).total
+    return TrialSpec(strategy=strategy, budget=step * (steps + 0.5), budget_unit="flops", meta_path=str(meta_path),
+                     unique_examples=40, seed=0, student=asdict(STUDENT), vocab_size=meta["vocab_size"],
+                     seq_len=meta["seq_len"], peak_lr=1e-3, teacher_dir=teacher_dir, teacher_shape=asdict(TEACHER),
+                     teacher_actor_cpus=0.5, strategy_options=asdict(options) | {"layer_map": None},
+                     per_worker_batch=BATCH, checkpoint_every=3, eval_points=2, validation_examples=16,
+                     audit_examples=True, **{"workers": 2, "cpus_per_worker": 0.5, **changes})
+
+
+def step_charge(strategy, meta, workers):
+    masked = workers * BATCH * masked_per_sequence(meta["seq_len"], 0.15, meta["special_ids"], meta["vocab_size"])
+    built = build_strategy(strategy, STUDENT, TEACHER, StrategyOptions(relation_heads=2))
+    return step_flops(built, STUDENT, TEACHER, meta["vocab_size"], workers * BATCH, meta["seq_len"], masked)
+
+
+def assert_pass_structure(counts, unique, examples_seen):
+    """k full passes: every pool example k times; the partial pass: no example twice."""
+    full, partial = divmod(examples_seen, unique)
+    assert sum(counts.values()) == examples_seen
+    assert len(counts) == (unique if full else partial)
+    assert sorted(set(counts.values())) <= [full, full + 1]
+    assert sum(1 for c in counts.values() if c == full + 1) == partial
+
+
+@pytest.fixture(scope="module")
+def kd_runs(ray_local, corpus, tmp_path_factory):
+    storage = str(tmp_path_factory.mktemp("storage"))
+    with ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(run_pretraining, spec_for(corpus, name), storage, f"kd-{name}")
+                   for name in ("vanilla_kd", "tinybert", "minilm")}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", ["vanilla_kd", "tinybert", "minilm"])
+def test_two_workers_and_a_teacher_actor_charge_the_global_step(kd_runs, corpus, name):
+    summary = kd_runs[name]
+    spec = spec_for(corpus, name)
+    charge = step_charge(name, corpus[1], workers=2)
+    assert summary["steps"] == 12
+    assert summary["flops"] == pytest.approx(12 * charge.total)
+    assert summary["teacher_flops"] == pytest.approx(12 * charge.teacher) and charge.teacher > 0
+    assert summary["flops"] <= spec.budget and spec.budget - summary["flops"] < charge.total
+    assert summary["tokens"] == 12 * 2 * BATCH * corpus[1]["seq_len"]
+    assert summary["device_seconds"] > 0
+    assert_pass_structure(summary["example_counts"], 40, 12 * 2 * BATCH)
+    assert summary["epochs"] == pytest.approx(12 * 2 * BATCH / 40)
+    student = Path(summary["checkpoint"])
+    assert (student / "config.json").exists()
+    assert summary["curve"][-1]["mlm_val_loss"] == pytest.approx(summary["mlm_val_loss"])
+
+
+def run_and_kill(spec, storage, name, class_name):
+    """Run a trial; after its first checkpoint, SIGKILL one live actor of `class_name`."""
+    killed = []
+
+    def killer():
+        run_dir = Path(storage) / name
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(run_dir.glob("checkpoint_*")):
+            time.sleep(0.1)
+        # The GCS's actor table (the state API would need the dashboard, which tests don't start).
+        for actor in ray._private.state.actors().values():
+            if actor["ActorClassName"] == class_name and actor["State"] == "ALIVE" and actor["Pid"]:
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed.append(actor["Pid"])
+                return
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = run_pretraining(spec, storage, name)
+    thread.join()
+    return summary, killed
+
+
+@pytest.mark.parametrize("victim", ["RayTrainWorker", "TeacherActor"])
+def test_a_killed_worker_or_teacher_does_not_change_the_trial(kd_runs, corpus, tmp_path, victim):
+    spec = spec_for(corpus, "vanilla_kd")
+    summary, killed = run_and_kill(spec, str(tmp_path), f"fault-{victim}", victim)
+    assert killed, f"no {victim} was found to kill"
+    clean = kd_runs["vanilla_kd"]
+    charge = step_charge("vanilla_kd", corpus[1], workers=2).total
+    assert abs(summary["flops"] - clean["flops"]) < charge
+    assert (summary["steps"], summary["tokens"]) == (clean["steps"], clean["tokens"])
+    assert summary["teacher_flops"] == pytest.approx(clean["teacher_flops"])
+    assert summary["example_counts"] == clean["example_counts"]
+    assert_pass_structure(summary["example_counts"], 40, summary["steps"] * 2 * BATCH)
+
+
+def test_the_teacher_stage_is_cached_and_reused(ray_local, tmp_path):
+    config = load_config("smoke", overrides=["teacher.budget=2e10"])
+    cache, storage = tmp_path / "cache", tmp_path / "storage"
+    meta_path = prepare_data(config, cache)
+    first, reused_first = ensure_teacher(config, meta_path, cache, str(storage))
+    runs_after_first = sorted(p.name for p in storage.iterdir())
+    second, reused_second = ensure_teacher(config, meta_path, cache, str(storage))
+    assert (reused_first, reused_second) == (False, True)
+    assert first == second and (Path(first) / "model.safetensors").exists()
+    assert sorted(p.name for p in storage.iterdir()) == runs_after_first  # no second pretraining run
+    record = json.loads((Path(first).parent / "teacher.json").read_text())
+    assert record["steps"] > 0 and record["flops"] <= 2e10
+    other = load_config("smoke", overrides=["teacher.budget=3e10"])

@@ -1,0 +1,135 @@
+"""The sweep as users run it: results contract, resume after a killed driver, tuned LRs, bad input."""
+import json
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from transformers import AutoModelForMaskedLM
+
+from conftest import sweep_command
+from raykd.config import load_config
+from raykd.data.shards import load_meta
+from raykd.evaluation import TASKS
+from raykd.flops import step_flops
+from raykd.strategies import build_strategy
+from raykd.sweep import masked_per_sequence
+
+SPEC_COLUMNS = ["strategy", "budget", "budget_unit", "repetition", "seed", "flops", "tokens", "device_seconds",
+                "unique_tokens", "epochs", "steps", "lr", "mlm_val_loss", "glue_score", "checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def results(smoke_study):
+    return pd.read_parquet(smoke_study["out"] / "results.parquet")
+
+
+def test_results_meet_the_contract(results, smoke_study):
+    config = load_config("smoke")
+    assert sorted(results["strategy"]) == sorted(config.strategies)
+    for column in SPEC_COLUMNS + config.eval.tasks:
+        assert column in results.columns, column
+    meta = load_meta(next(smoke_study["cache"].glob("data-*/meta.json")))
+    batch, seq = config.train.per_worker_batch * config.train.workers, meta["seq_len"]
+    masked = batch * masked_per_sequence(seq, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
+    shape, teacher = config.student.model_shape(), config.teacher.shape.model_shape()
+    for row in results.itertuples():
+        strategy = build_strategy(row.strategy, shape, teacher, config.strategy_options.options())
+        charge = step_flops(strategy, shape, teacher, meta["vocab_size"], batch, seq, masked).total
+        assert row.flops <= row.budget and row.budget - row.flops < charge, row.trial_id
+        assert row.flops == pytest.approx(row.steps * charge)
+        assert row.tokens == row.steps * batch * seq
+        assert row.epochs == pytest.approx(row.tokens / row.unique_tokens)
+        assert row.device_seconds > 0 and np.isfinite(row.mlm_val_loss)
+        AutoModelForMaskedLM.from_pretrained(row.checkpoint)  # an HF student, loadable as such
+    scratch = results[results.strategy == "scratch"].iloc[0]
+    # The pool is T_scratch / r, the same for every strategy; KD, paying for the teacher, sees fewer tokens.
+    assert set(results.unique_tokens) == {int(scratch.tokens / scratch.repetition) // seq * seq}
+    assert (results[results.strategy != "scratch"].tokens < scratch.tokens).all()
+
+
+def test_glue_columns_hold_real_metric_values(results):
+    tasks = load_config("smoke").eval.tasks
+    for task in tasks:
+        values = results[task]
+        assert values.notna().all() and values.between(-100, 100).all(), task
+        if TASKS[task].metric != "mcc":
+            assert (values >= 0).all(), task
+    assert results["glue_score"].to_numpy() == pytest.approx(results[tasks].mean(axis=1).to_numpy())
+    assert results[tasks].to_numpy().std() > 0  # not a constant stand-in
+
+
+def test_resume_completes_the_study_and_keeps_finished_trials(smoke_study, results):
+    at_kill = smoke_study["at_kill"]
+    assert 1 <= len(at_kill) < len(results), "the driver was not killed mid-sweep"
+    rows = smoke_study["out"] / "trials"
+    for name, (content, mtime) in at_kill.items():
+        path = rows / name
+        assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert len(list(rows.glob("*.json"))) == len(results) == 4
+    curves = pd.read_parquet(smoke_study["out"] / "curves.parquet")
+    assert set(curves.trial_id) == set(results.trial_id)
+
+
+def test_the_teacher_was_pretrained_once(smoke_study):
+    teachers = list(smoke_study["cache"].glob("teacher-*/teacher.json"))
+    assert len(teachers) == 1
+    runs = list((smoke_study["out"] / "ray").glob("teacher-*"))
+    assert len(runs) <= 1  # pretrained by the tuning run or the grid, never twice
+
+
+def test_grid_uses_the_tuned_learning_rates(smoke_study, results):
+    tuned = json.loads((smoke_study["out"] / "tuned_lr.json").read_text())["lr"]
+    assert set(tuned) == {"scratch", "tinybert"}
+    config = load_config("smoke")
+    for row in results.itertuples():
+        if row.strategy in tuned:
+            assert row.lr == pytest.approx(tuned[row.strategy][f"{row.budget:g}"])
+            assert row.lr_source.startswith("tuned:") and row.lr_source.endswith("tuned_lr.json")
+            assert config.tune.lr_min <= row.lr <= config.tune.lr_max
+        else:
+            assert (row.lr, row.lr_source) == (config.train.lr, "config:train.lr")
+
+
+def test_the_report_matches_pandas_on_the_smoke_study(smoke_study):
+    from test_analysis import assert_report_matches
+
+    assert_report_matches(smoke_study["out"])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("strategies=[scratch, distil]", "strategies"),
+    ("budgets=[0]", "budgets"),
+    ("repetitions=[0]", "repetitions"),
+    ("teacher.shape={layers: 2, hidden: 128, heads: 4, intermediate: 512}", "teacher.shape.heads"),
+    ("eval.tasks=[syn_cola, squad]", "eval.tasks"),
+    ("data.source=files", "data.data_files"),
+])
+def test_bad_input_fails_before_any_trial(tmp_path, override, field):
+    started = time.time()
+    run = subprocess.run(sweep_command("grid.py", "--preset", "smoke", "--out", str(tmp_path / "out"), override),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert f"error: {field}:" in run.stderr
+    assert not (tmp_path / "out").exists() and time.time() - started < 60
+
+
+def test_a_corrupt_shard_is_named_before_any_trial(smoke_study, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    data = next(smoke_study["cache"].glob("data-*"))
+    shutil.copytree(data, cache / data.name)
+    shard = sorted((cache / data.name / "train").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    run = subprocess.run(sweep_command("grid.py", "--preset", "smoke", "--out", str(tmp_path / "out"),
+                                       "--cache-dir", str(cache)), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and shard.name in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    run = subprocess.run(sweep_command("grid.py", "--config", str(tmp_path / "nope.yaml")), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "nope.yaml" in run.stderr
