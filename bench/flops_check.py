@@ -16,8 +16,8 @@ from raykd.config import load_config
 from raykd.flops import step_flops
 from raykd.models import build_masked_lm
 from raykd.strategies import build_strategy
-from raykd.teacher import LocalTeacher
-from raykd.train import ColocatedTeacher, StudentStep, prepare_batch
+from raykd.teacher import ColocatedTeacher, LocalTeacher
+from raykd.train import StudentStep, prepare_batch
 
 
 def random_masked_batch(batch_size, seq_len, vocab_size, mask_prob, seed=0):

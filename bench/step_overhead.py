@@ -6,6 +6,8 @@ batch (32 x 128, masked 15 % by raykd's masking, as the data stream does),
 warm-up):
   bare        a plain PyTorch loop: BertForMaskedLM's encoder, LM head at the
               masked positions only, cross-entropy, backward, clip at 1.0, AdamW;
+  bare_full_head  the same loop with HF's own forward with labels (LM head at
+              every position): the Trainer's step without the Trainer;
   hf_trainer  `transformers.Trainer` on a `datasets.Dataset` of the same
               pre-masked rows (BertForMaskedLM with labels: the LM head runs at
               every position, as Trainer users get it; its default AdamW);
@@ -16,14 +18,16 @@ warm-up):
 The in-process variants run in rounds interleaved with the Ray runs, so all
 see the same background load. The last line is one JSON object.
 
-    python bench/step_overhead.py [--steps 40] [--warmup 8] [--ray-steps 80]
+    python bench/step_overhead.py [--steps 30] [--warmup 5] [--rounds 3] [--ray-steps 60]
 
 Needs `accelerate` (the HF Trainer requires it).
 """
 import argparse
+import importlib.util
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,6 +60,7 @@ from raykd.train import StudentStep, make_optimizer, pretrain  # noqa: E402
 
 THREADS = 2
 SEED = 0
+RAY_WARMUP_STEPS = 10  # untimed steps at the start of each Ray run
 MAX_GRAD_NORM = 1.0
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.98), 1e-6, 0.01  # raykd's AdamW (make_optimizer defaults)
 
@@ -88,21 +93,26 @@ def plain_bert_config(shape, vocab_size: int, seq_len: int) -> BertConfig:
 
 
 def decay_groups(model: torch.nn.Module) -> list[dict]:
+    """raykd's AdamW groups, written out: no weight decay on biases and LayerNorm weights."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "LayerNorm" in n]
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def bare_step_times(batches: list[dict], config: BertConfig, lr: float, steps: int) -> list[float]:
-    """(a) The scratch step in plain PyTorch: no raykd code."""
+def bare_step_times(batches: list[dict], config: BertConfig, lr: float, steps: int, full_head: bool = False) -> list[float]:
+    """(a) The scratch step in plain PyTorch, no raykd code. `full_head`: HF's own forward with
+    labels instead (LM head at every position), to tell the Trainer's cost from the head's."""
     torch.manual_seed(SEED)
     model = BertForMaskedLM(config).train()
     optimizer = torch.optim.AdamW(decay_groups(model), lr=lr, betas=BETAS, eps=EPS)
     times, last = [], time.perf_counter()
     for batch in itertools.islice(itertools.cycle(batches), steps):
-        positions = batch["labels"] != -100
-        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        loss = F.cross_entropy(model.cls(hidden[positions]), batch["labels"][positions])
+        if full_head:
+            loss = model(**batch).loss
+        else:
+            positions = batch["labels"] != -100
+            hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            loss = F.cross_entropy(model.cls(hidden[positions]), batch["labels"][positions])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -186,20 +196,34 @@ def timed(times: list[float], warmup: int) -> list[float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per in-process round")
-    parser.add_argument("--warmup", type=int, default=8, help="untimed steps at the start of each run")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per in-process round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=3, help="in-process rounds, interleaved with the Ray runs")
-    parser.add_argument("--ray-steps", type=int, default=80, help="steps of each Ray run (first 10 untimed)")
+    parser.add_argument("--ray-steps", type=int, default=60, help=f"steps of each Ray run (first {RAY_WARMUP_STEPS} untimed)")
     parser.add_argument("--work-dir", default=None, help="where the corpus, teacher and Ray results go (default: temp)")
     args = parser.parse_args()
+    if min(args.steps, args.rounds) < 1 or args.warmup < 0 or args.ray_steps <= RAY_WARMUP_STEPS:
+        parser.error(f"need --steps >= 1, --rounds >= 1, --warmup >= 0 and --ray-steps > {RAY_WARMUP_STEPS}")
+    if importlib.util.find_spec("accelerate") is None:
+        parser.error("the HF Trainer needs the `accelerate` package (>= 1.1.0): pip install accelerate")
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
 
     preset = load_config("local")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="step_overhead-"))
+    try:
+        result = measure(args, work, preset, started)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def measure(args, work: Path, preset, started: float) -> dict:
+    """Run every variant, print the table; returns the summary for the JSON line."""
     shape, teacher_shape = preset.student.model_shape(), preset.teacher.shape.model_shape()
     vocab, seq_len, batch_size = preset.data.vocab_size, preset.data.seq_len, preset.train.per_worker_batch
-    lr, mask_prob, ray_warmup = preset.train.lr, preset.data.mask_prob, 10
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="step_overhead-"))
+    lr, mask_prob = preset.train.lr, preset.data.mask_prob
     meta_path = prepare_corpus(work / "corpus", "synthetic", seed=SEED, num_documents=1200, validation_documents=40,
                                seq_len=seq_len, vocab_size=vocab)
     batches = masked_batches(meta_path, 8, batch_size, mask_prob)
@@ -223,12 +247,13 @@ def main():
 
     config = plain_bert_config(shape, vocab, seq_len)
     total = args.warmup + args.steps
-    samples = {"bare": [], "hf_trainer": [], "loop": []}
+    samples = {"bare": [], "bare_full_head": [], "hf_trainer": [], "loop": []}
     rounds = {key: [] for key in samples}
     ray_samples, ray_walls, hf_optim = {}, {}, ""
     for index in range(max(args.rounds, len(ray_runs))):
         if index < args.rounds:
             measured = {"bare": bare_step_times(batches, config, lr, total),
+                        "bare_full_head": bare_step_times(batches, config, lr, total, full_head=True),
                         "loop": loop_step_times(batches, shape, vocab, seq_len, lr, total)}
             measured["hf_trainer"], hf_optim = hf_trainer_step_times(batches, config, lr, total, work)
             for key, times in measured.items():
@@ -239,7 +264,7 @@ def main():
         if index < len(ray_runs):
             key, changes = ray_runs[index]
             times, wall = ray_step_times(TrialSpec(**{**asdict(spec), **changes}), work / "ray", f"{key}-{time.time_ns()}")
-            ray_samples[key], ray_walls[key] = timed(times, ray_warmup), wall
+            ray_samples[key], ray_walls[key] = timed(times, RAY_WARMUP_STEPS), wall
             print(f"ray {key}: {len(times)} steps, median {1 / statistics.median(ray_samples[key]):.2f}/s, "
                   f"run wall {wall:.0f} s", flush=True)
     ray.shutdown()
@@ -251,15 +276,16 @@ def main():
     flop_ratio = (step_flops(kd, shape, teacher_shape, vocab, batch_size, seq_len, masked).total
                   / step_flops(scratch, shape, teacher_shape, vocab, batch_size, seq_len, masked).total)
 
-    labels = {"bare": "(a) bare PyTorch loop", "hf_trainer": f"(b) HF Trainer ({hf_optim}, full-vocab head)",
+    labels = {"bare": "(a) bare PyTorch loop", "bare_full_head": "(a') bare loop, HF forward with labels (full-vocab head)",
+              "hf_trainer": f"(b) HF Trainer ({hf_optim}, full-vocab head)",
               "scratch": "(c) raykd Ray Train, 1 worker, scratch", "loop": "(c') raykd loop in-process, scratch",
               "kd_colocated": "(d) raykd vanilla_kd, teacher colocated",
               "kd_actor": "(e) raykd vanilla_kd, 1 teacher actor (shares the 2 cores)"}
     print(f"\nstudent {shape}, teacher {teacher_shape}, batch {batch_size} x {seq_len}, {masked} masked, "
           f"vocab {vocab}, {THREADS} threads; {args.rounds} rounds x {args.steps} steps in-process, "
-          f"{args.ray_steps - ray_warmup} timed steps per Ray run")
+          f"{args.ray_steps - RAY_WARMUP_STEPS} timed steps per Ray run")
     print(f"{'variant':<62} {'steps/s':>8} {'ms/step':>8} {'IQR ms':>13} {'n':>4}")
-    for key in ("bare", "hf_trainer", "loop", "scratch", "kd_colocated", "kd_actor"):
+    for key in ("bare", "bare_full_head", "hf_trainer", "loop", "scratch", "kd_colocated", "kd_actor"):
         values = {**samples, **ray_samples}[key]
         q1, q3 = np.percentile(values, [25, 75]) * 1000
         print(f"{labels[key]:<62} {rate[key]:8.2f} {median[key] * 1000:8.1f} {q1:6.1f}-{q3:6.1f} {len(values):4d}")
@@ -267,9 +293,10 @@ def main():
         print(f"  {key} per-round steps/s: " + ", ".join(f"{1 / v:.2f}" for v in values))
     print("  Ray run wall seconds (start-up included): " + ", ".join(f"{k} {v:.0f}" for k, v in ray_walls.items()))
 
-    result = {
+    return {
         "bare_steps_per_s": round(rate["bare"], 3),
         "hf_trainer_steps_per_s": round(rate["hf_trainer"], 3),
+        "bare_full_head_steps_per_s": round(rate["bare_full_head"], 3),
         "raykd_scratch_steps_per_s": round(rate["scratch"], 3),
         "raykd_loop_scratch_steps_per_s": round(rate["loop"], 3),
         "kd_colocated_steps_per_s": round(rate["kd_colocated"], 3),
@@ -277,6 +304,7 @@ def main():
         "raykd_over_bare": round(rate["scratch"] / rate["bare"], 3),
         "raykd_over_hf_trainer": round(rate["scratch"] / rate["hf_trainer"], 3),
         "raykd_loop_over_bare": round(rate["loop"] / rate["bare"], 3),
+        "hf_trainer_over_bare_full_head": round(rate["hf_trainer"] / rate["bare_full_head"], 3),
         "kd_colocated_over_scratch_step_time": round(median["kd_colocated"] / median["scratch"], 3),
         "kd_actor_over_scratch_step_time": round(median["kd_actor"] / median["scratch"], 3),
         "analytic_flop_ratio": round(flop_ratio, 3),
@@ -288,7 +316,6 @@ def main():
         },
         "runtime_s": round(time.perf_counter() - started, 1),
     }
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

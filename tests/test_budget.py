@@ -6,8 +6,8 @@ from raykd.budget import BudgetMeter, StepCharge, lr_at
 from raykd.flops import step_flops
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import StrategyOptions, build_strategy
-from raykd.teacher import LocalTeacher
-from raykd.train import ColocatedTeacher, StudentStep, make_optimizer, prepare_batch, pretrain
+from raykd.teacher import ColocatedTeacher, LocalTeacher
+from raykd.train import StudentStep, make_optimizer, prepare_batch, pretrain
 
 STUDENT, TEACHER, VOCAB, SEQ, BATCH = ModelShape(2, 16, 2, 32), ModelShape(2, 24, 2, 48), 60, 12, 4
 

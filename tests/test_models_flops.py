@@ -7,8 +7,8 @@ from transformers import AutoModelForMaskedLM
 from raykd.flops import forward_flops, step_flops
 from raykd.models import ForwardNeeds, ModelShape, build_masked_lm, encode
 from raykd.strategies import StrategyOptions, build_strategy
-from raykd.teacher import LocalTeacher
-from raykd.train import ColocatedTeacher, StudentStep, prepare_batch
+from raykd.teacher import ColocatedTeacher, LocalTeacher
+from raykd.train import StudentStep, prepare_batch
 
 STUDENT, TEACHER, VOCAB, SEQ = ModelShape(2, 32, 2, 64), ModelShape(4, 48, 2, 96), 97, 16
 

@@ -423,15 +423,18 @@ class PretrainStream:
 
 
 def _checked(chunks: Iterator[dict], planned: int, start_step: int) -> Iterator[dict]:
-    """Pass chunks through; fail if the window held other than the planned number of rows."""
+    """Pass chunks through, checking that they hold the planned positions 0..planned-1 in order."""
     delivered = 0
     for chunk in chunks:
-        delivered += len(chunk["example_id"])
+        positions = chunk["position"]
+        if not np.array_equal(positions, np.arange(delivered, delivered + len(positions))):
+            break
+        delivered += len(positions)
         yield chunk
-    if delivered != planned:
+    if delivered != planned or next(chunks, None) is not None:
         raise ValueError(
-            f"the window from step {start_step} read {delivered} rows, planned {planned}: "
-            "the shards' example ids disagree with meta.json"
+            f"the window from step {start_step} does not match its plan of {planned} rows "
+            f"(after {delivered} good rows): the shards' example ids disagree with meta.json"
         )
 
 
