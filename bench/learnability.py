@@ -37,7 +37,7 @@ def main() -> int:
     figures = {}
     for name, run in RUNS.items():
         config = load_config("local", overrides=["strategies=[scratch]", f"student={run['student']}",
-                                                 f"budgets=[{run['budget'] * args.scale}]", "repetitions=[1]",
+                                                 f"budgets=[{run['budget'] * args.scale}]", "repetitions=[2]",
                                                  "train.eval_points=1", "train.num_threads=2",
                                                  "train.validation_examples=512"])
         summary, _ = pretrain_cell(config, cache_dir=args.cache_dir)
