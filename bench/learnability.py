@@ -28,6 +28,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply both budgets")
+    parser.add_argument("--repetition", type=float, default=2.0, help="data repetition (the pool must fit the corpus)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from raykd.data.shards import unigram_entropy
@@ -37,7 +38,7 @@ def main() -> int:
     figures = {}
     for name, run in RUNS.items():
         config = load_config("local", overrides=["strategies=[scratch]", f"student={run['student']}",
-                                                 f"budgets=[{run['budget'] * args.scale}]", "repetitions=[2]",
+                                                 f"budgets=[{run['budget'] * args.scale}]", f"repetitions=[{args.repetition}]",
                                                  "train.eval_points=1", "train.num_threads=2",
                                                  "train.validation_examples=512"])
         summary, _ = pretrain_cell(config, cache_dir=args.cache_dir)
