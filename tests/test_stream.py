@@ -208,6 +208,35 @@ def test_two_workers_read_disjoint_halves_of_a_pass(corpus, ray_local):
     assert first | second == set(select_pool(500, 100, seed=3))
 
 
+def test_stream_runs_inside_a_placement_group_that_captures_child_tasks(corpus, ray_local, uninterrupted):
+    """A Ray Train worker launched from a Tune trial has a half-CPU bundle and captures the
+    tasks it submits; the stream must schedule nothing there (Ray Data's sort did, and failed)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0.5)
+    class Reader:  # an actor, like a Ray Train worker; only installed modules inside
+        def read(self, root):
+            from raykd.data.stream import PretrainStream
+
+            batches = PretrainStream(root, unique_examples=100, seed=3, per_worker_batch=8, max_passes=3,
+                                     window_examples=64).batches()
+            return [{name: tensor.numpy() for name, tensor in batch.items()} for batch in batches]
+
+    group = placement_group([{"CPU": 0.5}])
+    ray.get(group.ready(), timeout=60)
+    try:
+        capturing = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        reader = Reader.options(scheduling_strategy=capturing).remote()
+        batches = ray.get(reader.read.remote(corpus), timeout=300)
+    finally:
+        remove_placement_group(group)
+    got = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+    expected = collect(uninterrupted)
+    assert all(np.array_equal(got[name], expected[name]) for name in expected)
+
+
 # Validation batches and bad input --------------------------------------------------------
 
 

@@ -12,13 +12,11 @@ the same examples in the same order.
 The order is a pure numpy function of (pool, seed, pass, rank, world_size),
 so resuming at any step costs nothing but arithmetic. Ray Data does the
 streaming work, one window of steps at a time: it reads the Parquet shards
-holding the window's examples, emits every occurrence of each example with
+holding the window's examples and emits every occurrence of each example with
 its position in the window, masked (seeded by (seed, pass, example id), see
-`masking`), sorts by that position and batches. Ray Data keeps row order
-only with `preserve_order`, which must be set in the iterating process;
-`PretrainStream.batches` sets it there.
+`masking`); the worker puts the window's rows in order by that position and
+batches them, while the next window is read in the background.
 """
-import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -39,11 +37,11 @@ _POOL_TAG = 0
 _ORDER_TAG = 1
 # Windows start small (a quick first batch, cheap resumes and short trials) and
 # double up to one pass of this worker's rows, clamped: small pools would pay Ray
-# Data's start-up (a read, a sort) too often, large ones would not fit in memory.
+# Data's start-up too often, and a window is held in the worker's memory to be
+# put in order (2^17 rows of 128 int32 ids and labels: 128 MiB).
 _FIRST_WINDOW_EXAMPLES = 1 << 12
-_MIN_WINDOW_EXAMPLES = 1 << 16
-_MAX_WINDOW_EXAMPLES = 1 << 22
-_SORT_PARTITION_EXAMPLES = 1 << 13
+_MIN_WINDOW_EXAMPLES = 1 << 14
+_MAX_WINDOW_EXAMPLES = 1 << 17
 _CHUNK_STEPS = 64
 
 
@@ -219,7 +217,7 @@ class PretrainStream:
     `max_passes` bounds the stream (None: endless). Step s is global batch s:
     every worker yields its slice of it as its s-th batch. `window_examples`
     caps the rows Ray Data reads and sorts at once (default: one pass of this
-    worker's rows, clamped to [2^16, 2^22]); it changes speed, never the stream.
+    worker's rows, clamped to [2^14, 2^17]); it changes speed, never the stream.
     """
 
     def __init__(
@@ -326,7 +324,7 @@ class PretrainStream:
         return example_ids, pass_index
 
     def _window(self, example_ids: np.ndarray, pass_index: np.ndarray) -> ray.data.Dataset:
-        """A Ray Dataset of the planned rows, masked, in the planned order."""
+        """A Ray Dataset of the planned rows, masked, each with its position in the window (any row order)."""
         masking = {
             "seed": self.seed,
             "special_ids": self.special_ids,
@@ -347,17 +345,13 @@ class PretrainStream:
         context = ray.data.DataContext.get_current().copy()
         context.use_datasource_v2 = False
         context.enable_progress_bars = False
-        context.execution_options.preserve_order = True
         with ray.data.DataContext.current(context):
             dataset = ray.data.read_parquet(paths, columns=["example_id", "input_ids"])
-        # Positions are 0..n-1, so the sort's range boundaries are known: no sampling pass.
-        n = len(example_ids)
-        boundaries = list(range(_SORT_PARTITION_EXAMPLES, n, _SORT_PARTITION_EXAMPLES)) or [n]
         return dataset.map_batches(
             _WindowRows(example_ids, pass_index, self.seq_len, masking),
             batch_format="pyarrow",
             zero_copy_batch=True,
-        ).sort("position", boundaries=boundaries)
+        )
 
     def batches(self, start_step: int = 0) -> Iterator[dict]:
         """Yield this worker's batches from global step `start_step` on, as int64 torch tensors.
@@ -371,12 +365,10 @@ class PretrainStream:
         return self._batches(start_step)
 
     def _batches(self, start_step: int) -> Iterator[dict]:
-        # Must be set here, in the iterating process: a driver's context does not travel.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
         windows = self._windows(start_step)
         bounds = next(windows, None)
-        # The next window is opened (read, sorted, first batch fetched) in the
-        # background while this one is consumed, hiding Ray Data's start-up.
+        # The next window is read and put in order in the background while this
+        # one is consumed, hiding Ray Data's start-up.
         opener = ThreadPoolExecutor(max_workers=1)
         try:
             upcoming = opener.submit(self._open, *bounds) if bounds else None
@@ -404,38 +396,29 @@ class PretrainStream:
             step, size = stop, min(2 * size, self.window_steps)
 
     def _open(self, start_step: int, stop_step: int) -> Iterator[dict]:
-        """Start a window's execution and wait for its first chunk of numpy columns.
+        """Read a window's rows with Ray Data and put them in planned order; chunks of numpy columns.
 
-        A chunk holds whole steps; Ray Data's cost per batch (~0.5 ms here) would
-        exceed a small model's step, so it hands out chunks that are split after.
+        The order is restored here, by position, rather than by Ray Data's sort: inside a
+        Tune trial that sort's map tasks can land in the training worker's placement
+        group, where they never fit. A chunk holds whole steps; Ray Data's cost per
+        batch (~0.5 ms here) would exceed a small model's step.
         """
         example_ids, pass_index = self.plan(start_step, stop_step)
         if len(example_ids) == 0:
             return iter(())
-        chunks = iter(
-            self._window(example_ids, pass_index).iter_batches(
-                batch_size=self.per_worker_batch * _CHUNK_STEPS, batch_format="numpy", prefetch_batches=2
+        parts = list(self._window(example_ids, pass_index).iter_batches(batch_size=None, batch_format="numpy"))
+        parts = [part for part in parts if len(part["position"])]
+        positions = np.concatenate([part["position"] for part in parts]) if parts else np.empty(0, np.int64)
+        order = np.argsort(positions, kind="stable")
+        if not np.array_equal(positions[order], np.arange(len(example_ids))):
+            raise ValueError(
+                f"the window from step {start_step} does not match its plan of {len(example_ids)} rows "
+                f"({len(positions)} delivered): the shards' example ids disagree with meta.json"
             )
-        )
-        first = next(chunks, None)
-        chunks = chunks if first is None else itertools.chain([first], chunks)
-        return _checked(chunks, len(example_ids), start_step)
-
-
-def _checked(chunks: Iterator[dict], planned: int, start_step: int) -> Iterator[dict]:
-    """Pass chunks through, checking that they hold the planned positions 0..planned-1 in order."""
-    delivered = 0
-    for chunk in chunks:
-        positions = chunk["position"]
-        if not np.array_equal(positions, np.arange(delivered, delivered + len(positions))):
-            break
-        delivered += len(positions)
-        yield chunk
-    if delivered != planned or next(chunks, None) is not None:
-        raise ValueError(
-            f"the window from step {start_step} does not match its plan of {planned} rows "
-            f"(after {delivered} good rows): the shards' example ids disagree with meta.json"
-        )
+        columns = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        rows = self.per_worker_batch * _CHUNK_STEPS
+        return ({name: column[order[begin : begin + rows]] for name, column in columns.items()}
+                for begin in range(0, len(order), rows))
 
 
 def validation_batches(
