@@ -52,6 +52,7 @@ class TeacherConfig:
     budget: float = 2.0e13  # its own pretraining budget, when source is "pretrain"
     budget_unit: str = "flops"
     lr: float = 1.0e-3
+    pretrain_threads: int | None = None  # torch threads of its own pretraining, which runs alone (None: train.num_threads)
     placement: str = "actor"  # "actor": Ray inference actors; "colocated": inside each training worker
     actors: int = 1
     actor_cpus: float = 1.0
@@ -279,6 +280,8 @@ def validate(config: StudyConfig) -> None:
         raise ConfigError("teacher.dtype", f"unknown dtype {teacher.dtype!r}; known: {', '.join(DTYPES)}")
     if teacher.actors < 1:
         raise ConfigError("teacher.actors", f"must be >= 1, got {teacher.actors}")
+    if teacher.pretrain_threads is not None and teacher.pretrain_threads < 1:
+        raise ConfigError("teacher.pretrain_threads", f"must be >= 1, got {teacher.pretrain_threads}")
     options = config.strategy_options
     if not options.temperature > 0:
         raise ConfigError("strategy_options.temperature", f"must be positive, got {options.temperature}")

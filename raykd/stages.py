@@ -112,7 +112,8 @@ def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, na
         meta_path=str(meta_path), unique_examples=meta["splits"]["train"]["num_examples"], seed=config.data.seed,
         student=asdict(config.teacher.shape), vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
         peak_lr=config.teacher.lr, workers=train.workers, cpus_per_worker=train.cpus_per_worker,
-        gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads, per_worker_batch=train.per_worker_batch,
+        gpus_per_worker=train.gpus_per_worker, num_threads=config.teacher.pretrain_threads or train.num_threads,
+        per_worker_batch=train.per_worker_batch,
         mask_prob=config.data.mask_prob, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm, dropout=train.dropout, checkpoint_every=train.checkpoint_every,
         eval_points=1, validation_examples=train.validation_examples)

@@ -237,9 +237,13 @@ def check_output(out: Path, resume: bool) -> None:
 
 def start_ray(config: StudyConfig) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray with the preset's logical CPUs."""
-    if not ray.is_initialized():
-        local = "RAY_ADDRESS" not in os.environ
-        ray.init(num_cpus=config.sweep.ray_cpus if local else None, include_dashboard=False)
+    if ray.is_initialized():
+        return
+    if "RAY_ADDRESS" in os.environ:
+        ray.init()
+    else:
+        ray.init(num_cpus=config.sweep.ray_cpus, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": "raykd.logs.quiet_placement_group_cleaner"})
 
 
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,

@@ -37,6 +37,7 @@ def test_file_and_overrides_apply_in_order(tmp_path):
     (["student.layers=0"], "student.layers"),
     (["teacher.placement=remote"], "teacher.placement"),
     (["teacher.dtype=int8"], "teacher.dtype"),
+    (["teacher.pretrain_threads=0"], "teacher.pretrain_threads"),
     (["strategy_options.alpha=1.5"], "strategy_options.alpha"),
     (["strategy_options.temperature=0"], "strategy_options.temperature"),
     (["data.source=web"], "data.source"),
