@@ -216,7 +216,7 @@ class PretrainStream:
     `unique_examples` is the pool size (see `unique_examples_for`);
     `max_passes` bounds the stream (None: endless). Step s is global batch s:
     every worker yields its slice of it as its s-th batch. `window_examples`
-    caps the rows Ray Data reads and sorts at once (default: one pass of this
+    caps the rows read and put in order at once (default: one pass of this
     worker's rows, clamped to [2^14, 2^17]); it changes speed, never the stream.
     """
 
