@@ -6,7 +6,10 @@ A sweep folder holds `results.parquet` (one row per pretraining trial),
 finished sweep can be analysed wherever pandas runs.
 
 A grid cell is (budget_unit, budget, repetition): strategies are compared
-within a cell, and seeds are what the mean and std run over.
+within a cell, and seeds are what the means and 95 % confidence intervals run
+over (Student's t). Two control rows are no strategy of the grid: `random_init`
+(the student never pretrained, a baseline that must lose) and `teacher` (one
+that must win); they are fine-tuned with the same grid and seeds.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import scipy.stats
 from matplotlib.figure import Figure
 
 STRATEGY_ORDER = ("scratch", "vanilla_kd", "tinybert", "minilm")
@@ -28,6 +32,10 @@ STRATEGY_COLOURS = {
     "tinybert": "tab:orange",
     "minilm": "tab:green",
 }
+# Reference rows of every study (SPEC §6), shown apart from the grid's strategies.
+CONTROLS = ("random_init", "teacher")
+CONTROL_COLOURS = {"random_init": "black", "teacher": "tab:purple"}
+CONFIDENCE = 0.95
 # Used when a sweep folder has no study.json: the embedded synthetic tasks and GLUE.
 KNOWN_TASKS = (
     "syn_cola", "syn_topic", "syn_para", "syn_nli", "syn_sts",
@@ -161,10 +169,11 @@ def _require(df: pd.DataFrame, columns: list[str]) -> None:
 
 
 def _strategies(values) -> list[str]:
-    """Strategies present, in the study's order; unknown ones after, alphabetically."""
+    """Strategies present, in the study's order, then unknown ones alphabetically, then the controls."""
     present = set(values)
     known = [name for name in STRATEGY_ORDER if name in present]
-    return known + sorted(present - set(STRATEGY_ORDER))
+    controls = [name for name in CONTROLS if name in present]
+    return known + sorted(present - set(STRATEGY_ORDER) - set(CONTROLS)) + controls
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -175,100 +184,181 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _colour(strategy: str) -> str | None:
-    return STRATEGY_COLOURS.get(strategy)
+    return STRATEGY_COLOURS.get(strategy) or CONTROL_COLOURS.get(strategy)
 
 
 # ---------------------------------------------------------------- tables
 
 
-def paper_table(df: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
-    """The paper's table: mean and std over seeds per cell and strategy.
+def confidence_halfwidth(values) -> float:
+    """Half-width of the 95 % confidence interval of the mean of `values` (Student's t); NaN below 2 values."""
+    values = np.asarray(values, dtype=float)
+    values = values[~np.isnan(values)]
+    if len(values) < 2:
+        return float("nan")
+    quantile = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1)
+    return float(quantile * values.std(ddof=1) / np.sqrt(len(values)))
 
-    Index: (budget_unit, budget, repetition, strategy), strategies in the
-    order scratch, vanilla_kd, tinybert, minilm. Columns: (metric, "mean")
-    and (metric, "std") for each task and glue_score, then ("n_seeds", "").
-    The std is NaN for a single seed.
-    """
-    tasks = task_columns(df) if tasks is None else list(tasks)
-    metrics = tasks + ["glue_score"]
-    _require(df, CELL + ["strategy"] + metrics)
-    grouped = _ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)
-    table = grouped[metrics].agg(["mean", "std"])
+
+def grid_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The pretraining trials of the grid (no control rows)."""
+    return df[~df["strategy"].isin(CONTROLS)]
+
+
+def control_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The `random_init` and `teacher` rows."""
+    return df[df["strategy"].isin(CONTROLS)]
+
+
+def _mean_ci(grouped, metrics: list[str]) -> pd.DataFrame:
+    table = grouped[metrics].agg(["mean", confidence_halfwidth])
+    table = table.rename(columns={"confidence_halfwidth": "ci95"}, level=1)
     table[("n_seeds", "")] = grouped.size()
     return table
 
 
+def paper_table(df: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """The paper's table: mean and 95 % CI over seeds per cell and strategy.
+
+    Index: (budget_unit, budget, repetition, strategy), strategies in the
+    study's order; control rows are left out (see `control_table`). Columns:
+    (metric, "mean") and (metric, "ci95") — the half-width of the 95 %
+    interval, NaN for a single seed — for each task and glue_score, then
+    ("n_seeds", "").
+    """
+    tasks = task_columns(df) if tasks is None else list(tasks)
+    metrics = tasks + ["glue_score"]
+    _require(df, CELL + ["strategy"] + metrics)
+    grouped = _ordered(grid_rows(df)).groupby(CELL + ["strategy"], observed=True, sort=True)
+    return _mean_ci(grouped, metrics)
+
+
+def control_table(df: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
+    """The controls (`random_init`, `teacher`): mean and 95 % CI over seeds, indexed by strategy."""
+    tasks = task_columns(df) if tasks is None else list(tasks)
+    metrics = tasks + ["glue_score"]
+    _require(df, ["strategy"] + metrics)
+    controls = control_rows(df).copy()
+    controls["strategy"] = pd.Categorical(controls["strategy"], categories=list(CONTROLS))
+    return _mean_ci(controls.groupby("strategy", observed=True, sort=True), metrics)
+
+
+def paired_difference(student: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict:
+    """`student` minus `baseline` on `metric`, paired by seed (and sweep).
+
+    Where the seeds pair up (the same seeds on both sides, each once, at least
+    two) the gain is the mean of the per-seed differences and `gain_ci95` the
+    half-width of its 95 % interval; otherwise the gain is the difference of
+    the means and the interval is unknown (NaN). `significant` is True only
+    when the interval excludes 0.
+    """
+    key = ["sweep", "seed"] if "sweep" in student.columns and "sweep" in baseline.columns else ["seed"]
+    student_scores = student.set_index(key)[metric]
+    baseline_scores = baseline.set_index(key)[metric]
+    paired = (len(student_scores) >= 2 and student_scores.index.is_unique and baseline_scores.index.is_unique
+              and set(student_scores.index) == set(baseline_scores.index))
+    if paired:
+        differences = student_scores - baseline_scores.reindex(student_scores.index)
+        gain, half = float(differences.mean()), confidence_halfwidth(differences)
+    else:
+        gain, half = float(student_scores.mean() - baseline_scores.mean()), float("nan")
+    significant = bool(not np.isnan(half) and (gain - half > 0 or gain + half < 0))
+    return {"gain": gain, "gain_ci95": half, "ci_low": gain - half, "ci_high": gain + half,
+            "significant": significant, "n_pairs": len(student_scores) if paired else 0}
+
+
+GAIN_COLUMNS = ["gain", "gain_ci95", "ci_low", "ci_high", "significant", "n_pairs"]
+
+
 def kd_gain(df: pd.DataFrame, metric: str = "glue_score") -> pd.DataFrame:
-    """Each KD strategy's mean `metric` minus scratch's mean in the same cell.
+    """Each KD strategy's `metric` minus scratch's in the same cell, paired per seed.
 
     One row per (budget_unit, budget, repetition, strategy != scratch) with
-    `gain` (NaN where the cell has no scratch trial), `gain_std` (std of the
-    per-seed differences; NaN unless both sides have the same two or more
-    seeds), the two means, `n_seeds` and `n_scratch_seeds`.
+    the columns of `paired_difference` (gain NaN where the cell has no scratch
+    trial), the two means, `n_seeds` and `n_scratch_seeds`. A gain whose 95 %
+    interval contains 0 has `significant` False: report it as not significant.
     """
     _require(df, CELL + ["strategy", "seed", metric])
-    pair_key = ["sweep", "seed"] if "sweep" in df.columns else ["seed"]
     rows = []
-    for cell, frame in df.groupby(CELL, sort=True):
+    for cell, frame in grid_rows(df).groupby(CELL, sort=True):
         scratch = frame[frame["strategy"] == "scratch"]
         for strategy in _strategies(frame["strategy"]):
             if strategy == "scratch":
                 continue
             student = frame[frame["strategy"] == strategy]
-            rows.append({
-                **dict(zip(CELL, cell)),
-                "strategy": strategy,
-                "gain": student[metric].mean() - scratch[metric].mean(),
-                "gain_std": _paired_std(student, scratch, pair_key, metric),
-                metric: student[metric].mean(),
-                f"scratch_{metric}": scratch[metric].mean(),
-                "n_seeds": len(student),
-                "n_scratch_seeds": len(scratch),
-            })
-    columns = CELL + ["strategy", "gain", "gain_std", metric, f"scratch_{metric}",
-                      "n_seeds", "n_scratch_seeds"]
+            if scratch.empty:
+                difference = {**dict.fromkeys(GAIN_COLUMNS, float("nan")), "significant": False, "n_pairs": 0}
+            else:
+                difference = paired_difference(student, scratch, metric)
+            rows.append({**dict(zip(CELL, cell)), "strategy": strategy, **difference,
+                         metric: student[metric].mean(), f"scratch_{metric}": scratch[metric].mean(),
+                         "n_seeds": len(student), "n_scratch_seeds": len(scratch)})
+    columns = CELL + ["strategy"] + GAIN_COLUMNS + [metric, f"scratch_{metric}", "n_seeds", "n_scratch_seeds"]
     return pd.DataFrame(rows, columns=columns)
 
 
-def _paired_std(student: pd.DataFrame, scratch: pd.DataFrame, key: list[str], metric: str) -> float:
-    student_scores = student.set_index(key)[metric]
-    scratch_scores = scratch.set_index(key)[metric]
-    paired = (
-        len(student_scores) >= 2
-        and student_scores.index.is_unique
-        and scratch_scores.index.is_unique
-        and set(student_scores.index) == set(scratch_scores.index)
-    )
-    if not paired:
-        return float("nan")
-    return float((student_scores - scratch_scores.reindex(student_scores.index)).std(ddof=1))
+def pretraining_gain(df: pd.DataFrame, metric: str = "glue_score") -> pd.DataFrame:
+    """Every strategy (per cell) and the teacher against `random_init`, paired per seed.
+
+    What the instrument must show before any KD comparison means something: a
+    pretrained student beats the never-pretrained one, and the teacher beats
+    both. The teacher's row has no cell (NaN budget and repetition).
+    """
+    _require(df, ["strategy", "seed", metric])
+    columns = CELL + ["strategy"] + GAIN_COLUMNS + [metric, f"random_init_{metric}"]
+    baseline = df[df["strategy"] == "random_init"]
+    if baseline.empty:
+        return pd.DataFrame(columns=columns)
+    groups = list(grid_rows(df).groupby(CELL, sort=True))
+    groups.append(((None, float("nan"), float("nan")), df[df["strategy"] == "teacher"]))
+    rows = []
+    for cell, frame in groups:
+        for strategy in _strategies(frame["strategy"]):
+            student = frame[frame["strategy"] == strategy]
+            rows.append({**dict(zip(CELL, cell)), "strategy": strategy,
+                         **paired_difference(student, baseline, metric),
+                         metric: student[metric].mean(), f"random_init_{metric}": baseline[metric].mean()})
+    return pd.DataFrame(rows, columns=columns)
 
 
 def format_table(table: pd.DataFrame, digits: int = 1) -> str:
-    """A `paper_table` as markdown, each score written "mean ± std"."""
+    """A `paper_table` (or `control_table`) as markdown, each score written "mean ± 95 % CI half-width"."""
     metrics = [name for name in table.columns.get_level_values(0).unique() if name != "n_seeds"]
-    header = ["budget", "repetition", "strategy"] + [_metric_label(m) for m in metrics] + ["seeds"]
+    cells = table.index.nlevels > 1
+    header = (["budget", "repetition"] if cells else []) + ["strategy"] + [_metric_label(m) for m in metrics] + ["seeds"]
     rows = []
-    for (unit, budget, repetition, strategy), row in table.iterrows():
-        scores = [_mean_std(row[(m, "mean")], row[(m, "std")], digits) for m in metrics]
-        rows.append([_budget_label(budget, unit), f"{repetition:g}", strategy]
-                    + scores + [str(int(row[("n_seeds", "")]))])
+    for index, row in table.iterrows():
+        scores = [_mean_ci_text(row[(m, "mean")], row[(m, "ci95")], digits) for m in metrics]
+        if cells:
+            unit, budget, repetition, strategy = index
+            label = [_budget_label(budget, unit), f"{repetition:g}", strategy]
+        else:
+            label = [index]
+        rows.append(label + scores + [str(int(row[("n_seeds", "")]))])
     return _markdown(header, rows)
 
 
 def format_gain(gain: pd.DataFrame, digits: int = 1) -> str:
-    """A `kd_gain` table as markdown: gain ± std of paired differences."""
-    metric = next(column for column in gain.columns if f"scratch_{column}" in gain.columns)
-    header = ["budget", "repetition", "strategy", "gain", _metric_label(metric),
-              f"scratch {_metric_label(metric)}", "seeds", "scratch seeds"]
-    rows = [
-        [_budget_label(row.budget, row.budget_unit), f"{row.repetition:g}", row.strategy,
-         _mean_std(row.gain, row.gain_std, digits, signed=True),
-         _number(row[metric], digits), _number(row[f"scratch_{metric}"], digits),
-         str(row.n_seeds), str(row.n_scratch_seeds)]
-        for _, row in gain.iterrows()
-    ]
+    """A `kd_gain` or `pretraining_gain` table as markdown: paired gain ± 95 % CI, n.s. where it contains 0."""
+    baseline = next(column for column in gain.columns if column.startswith(("scratch_", "random_init_")))
+    metric = baseline.split("_", 1)[1] if baseline.startswith("scratch_") else baseline[len("random_init_"):]
+    against = "scratch" if baseline.startswith("scratch_") else "random_init"
+    header = ["budget", "repetition", "strategy", f"gain over {against}", "95 % CI", "significant",
+              _metric_label(metric), f"{against} {_metric_label(metric)}", "paired seeds"]
+    rows = []
+    for _, row in gain.iterrows():
+        cell = ([_budget_label(row.budget, row.budget_unit), f"{row.repetition:g}"]
+                if isinstance(row.budget_unit, str) else ["–", "–"])
+        interval = "–" if pd.isna(row.gain_ci95) else f"[{row.ci_low:+.{digits}f}, {row.ci_high:+.{digits}f}]"
+        verdict = "yes" if row.significant else ("n.s." if not pd.isna(row.gain_ci95) else "n.s. (unpaired)")
+        rows.append(cell + [row.strategy, _number(row.gain, digits, signed=True), interval, verdict,
+                            _number(row[metric], digits), _number(row[baseline], digits), str(row.n_pairs)])
     return _markdown(header, rows)
+
+
+def chance_levels(tasks: dict) -> str:
+    """Each task's chance level (study.json's `chance`) as one markdown table row."""
+    return _markdown(list(tasks), [[_number(value, 1) for value in tasks.values()]])
 
 
 def _compute_markdown(df: pd.DataFrame) -> str:
@@ -301,15 +391,15 @@ def _budget_label(budget: float, unit: str) -> str:
     return f"{budget:g} {unit}"
 
 
-def _number(value: float, digits: int) -> str:
-    return "–" if pd.isna(value) else f"{value:.{digits}f}"
-
-
-def _mean_std(mean: float, std: float, digits: int, signed: bool = False) -> str:
-    if pd.isna(mean):
+def _number(value: float, digits: int, signed: bool = False) -> str:
+    if pd.isna(value):
         return "–"
-    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
-    return text if pd.isna(std) else f"{text} ± {std:.{digits}f}"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _mean_ci_text(mean: float, half: float, digits: int) -> str:
+    text = _number(mean, digits)
+    return text if pd.isna(half) or pd.isna(mean) else f"{text} ± {half:.{digits}f}"
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -324,7 +414,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def plot_glue_vs_budget(df: pd.DataFrame, out_dir: str | os.PathLike, metric: str = "glue_score") -> Path:
-    """GLUE score (mean ± std over seeds) against budget, a line per strategy,
+    """GLUE score (mean ± 95 % CI over seeds) against budget, a line per strategy,
     a panel per repetition (a row per budget unit); log x. Returns the PNG path."""
     _require(df, CELL + ["strategy", metric])
     summary = _cell_summary(df, metric)
@@ -341,8 +431,10 @@ def plot_glue_vs_budget(df: pd.DataFrame, out_dir: str | os.PathLike, metric: st
                 _no_data(ax, "no trials")
                 continue
             for strategy, line in panel.groupby("strategy", observed=True, sort=True):
-                ax.errorbar(line["budget"], line["mean"], yerr=line["std"].fillna(0.0), marker="o",
+                ax.errorbar(line["budget"], line["mean"], yerr=line["ci95"].fillna(0.0), marker="o",
                             capsize=3, label=strategy, color=_colour(strategy))
+            for control, score in control_rows(df).groupby("strategy")[metric].mean().items():
+                ax.axhline(score, color=_colour(control), linestyle="--", linewidth=1, label=control)
             budgets = sorted(panel["budget"].unique())
             ax.set_xscale("log")
             ax.set_xticks(budgets, labels=[f"{b:g}" for b in budgets])
@@ -355,9 +447,10 @@ def plot_glue_vs_budget(df: pd.DataFrame, out_dir: str | os.PathLike, metric: st
 
 def plot_kd_gain(df: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
     """KD gain over scratch (GLUE points) against repetition, a line per KD
-    strategy, a panel per budget; error bars are paired-seed stds. Returns the PNG path."""
+    strategy, a panel per budget; error bars are 95 % CIs of paired per-seed differences. Returns the PNG path."""
     gain = kd_gain(df).dropna(subset=["gain"])
-    cells = sorted(set(zip(df["budget_unit"], df["budget"])))
+    grid = grid_rows(df)
+    cells = sorted(set(zip(grid["budget_unit"], grid["budget"])))
     fig = Figure(figsize=(1.0 + 3.6 * len(cells), 3.4), layout="constrained")
     axes = fig.subplots(1, len(cells), squeeze=False, sharey=True)
     for j, (unit, budget) in enumerate(cells):
@@ -369,7 +462,7 @@ def plot_kd_gain(df: pd.DataFrame, out_dir: str | os.PathLike) -> Path:
             continue
         for strategy in _strategies(panel["strategy"]):
             line = panel[panel["strategy"] == strategy].sort_values("repetition")
-            ax.errorbar(line["repetition"], line["gain"], yerr=line["gain_std"].fillna(0.0), marker="o",
+            ax.errorbar(line["repetition"], line["gain"], yerr=line["gain_ci95"].fillna(0.0), marker="o",
                         capsize=3, label=strategy, color=_colour(strategy))
         repetitions = sorted(panel["repetition"].unique())
         ax.set_xscale("log", base=2)
@@ -386,7 +479,7 @@ def plot_tokens_and_passes(df: pd.DataFrame, out_dir: str | os.PathLike) -> Path
     """Tokens seen and passes over the unique pool (means over seeds) as
     grouped bars: a group per (budget, repetition), a bar per strategy. Returns the PNG path."""
     _require(df, CELL + ["strategy", "tokens", "epochs"])
-    means = (_ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)[["tokens", "epochs"]]
+    means = (_ordered(grid_rows(df)).groupby(CELL + ["strategy"], observed=True, sort=True)[["tokens", "epochs"]]
              .mean().reset_index())
     groups = sorted(set(zip(means["budget_unit"], means["budget"], means["repetition"])))
     strategies = _strategies(means["strategy"].astype(str))
@@ -412,6 +505,7 @@ def plot_mlm_curves(curves: pd.DataFrame, df: pd.DataFrame, out_dir: str | os.Pa
     """MLM validation loss against the fraction of budget spent, a line per
     trial coloured by strategy, a panel per (budget, repetition). Returns the PNG path."""
     key = ["sweep", "trial_id"] if "sweep" in curves.columns and "sweep" in df.columns else ["trial_id"]
+    df = grid_rows(df)
     trials = df[key + CELL + ["strategy"]]
     points = curves[key + ["step", "budget_fraction", "mlm_val_loss"]].dropna(subset=["mlm_val_loss"])
     points = points.merge(trials, on=key, how="inner")
@@ -440,8 +534,8 @@ def plot_mlm_curves(curves: pd.DataFrame, df: pd.DataFrame, out_dir: str | os.Pa
 
 
 def _cell_summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    grouped = _ordered(df).groupby(CELL + ["strategy"], observed=True, sort=True)[metric]
-    return grouped.agg(["mean", "std"]).reset_index()
+    grouped = _ordered(grid_rows(df)).groupby(CELL + ["strategy"], observed=True, sort=True)[metric]
+    return grouped.agg(["mean", confidence_halfwidth]).rename(columns={"confidence_halfwidth": "ci95"}).reset_index()
 
 
 def _no_data(ax, message: str) -> None:
@@ -512,33 +606,60 @@ def linked_figures(report: str | os.PathLike) -> list[Path]:
 def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], report_dir: Path,
                  has_curves: bool) -> str:
     tasks = task_columns(df)
-    preset = (_study(sweep_dir) or {}).get("preset")
+    study = _study(sweep_dir) or {}
+    grid = grid_rows(df)
     seeds = sorted(df["seed"].unique())
     lines = [
         f"# raykd report: {df['sweep'].iloc[0]}",
         "",
-        f"Source: `{(sweep_dir / 'results.parquet').resolve()}`"
-        + (f", preset `{preset}`" if preset else "") + ".",
-        f"{len(df)} trials; strategies {', '.join(_strategies(df['strategy']))}; "
-        f"budgets {', '.join(_budget_label(b, u) for u, b in sorted(set(zip(df['budget_unit'], df['budget']))))}; "
-        f"repetitions {', '.join(f'{r:g}' for r in sorted(df['repetition'].unique()))}; "
-        f"seeds {', '.join(str(s) for s in seeds)}.",
-        f"Tasks: {', '.join(tasks) if tasks else 'none'}; GLUE = mean of the task scores (0–100).",
+        f"Source: `{(sweep_dir / 'results.parquet').resolve()}`.",
+        f"{len(grid)} pretraining trials; strategies {', '.join(_strategies(grid['strategy']))}; "
+        f"budgets {', '.join(_budget_label(b, u) for u, b in sorted(set(zip(grid['budget_unit'], grid['budget']))))}; "
+        f"repetitions {', '.join(f'{r:g}' for r in sorted(grid['repetition'].unique()))}; "
+        f"seeds {', '.join(str(s) for s in seeds)}; controls: "
+        f"{', '.join(c for c in CONTROLS if c in set(df['strategy'])) or 'none'}.",
+        f"Tasks: {', '.join(tasks) if tasks else 'none'}; GLUE = mean of the task scores (0–100). "
+        "± is the half-width of the 95 % confidence interval over seeds (Student's t).",
         "",
-        "## Scores (mean ± std over seeds)",
+    ]
+    references = study.get("references") or {}
+    if references:
+        lines += ["## References", "",
+                  "MLM validation loss in nats per masked token: a model that ignores context scores the unigram "
+                  "entropy of the masked tokens.", "",
+                  _markdown(["unigram entropy", "teacher MLM validation loss"],
+                            [[_number(references.get("unigram_entropy"), 3),
+                              _number(references.get("teacher_mlm_val_loss"), 3)]]), ""]
+    if study.get("chance"):
+        lines += ["## Chance level per task", "",
+                  "What a constant prediction scores on each dev set (majority-class accuracy, MCC 0, F1 and "
+                  "accuracy of the majority answer, correlation 0).", "", chance_levels(study["chance"]), ""]
+    lines += [
+        "## Scores (mean ± 95 % CI over seeds)",
         "",
         format_table(paper_table(df, tasks)),
         "",
+    ]
+    if not control_rows(df).empty:
+        lines += ["## Controls", "",
+                  "`random_init`: the student's architecture with its seed's initial weights, never pretrained "
+                  "(must lose). `teacher`: the teacher itself (must win). Same fine-tuning grid and seeds.", "",
+                  format_table(control_table(df, tasks)), "",
+                  "### Gain over random_init (paired per seed)", "",
+                  "If a pretrained student does not beat `random_init`, the study cannot tell pretraining from "
+                  "none, and its KD comparisons mean nothing.", "",
+                  format_gain(pretraining_gain(df)), ""]
+    lines += [
         "## KD gain over scratch",
         "",
-        "Gain = the strategy's mean GLUE score minus scratch's at the same budget and "
-        "repetition; ± is the std of per-seed differences where the seeds pair up.",
+        "Gain = the mean of per-seed differences (strategy minus scratch at the same budget, repetition and "
+        "seed) with its 95 % confidence interval; a gain whose interval contains 0 is not significant (n.s.).",
         "",
         format_gain(kd_gain(df)),
         "",
         "## Budget accounting (means over seeds)",
         "",
-        _compute_markdown(df),
+        _compute_markdown(grid),
         "",
         "## Figures",
         "",

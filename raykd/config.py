@@ -24,6 +24,8 @@ PRESETS = ("smoke", "local", "paper")
 PLACEMENTS = ("actor", "colocated")
 DATA_SOURCES = ("synthetic", "files", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
+# Reference rows fine-tuned beside the strategies (SPEC §6): the never-pretrained student and the teacher.
+CONTROLS = ("random_init", "teacher")
 
 
 class ConfigError(ValueError):
@@ -147,6 +149,7 @@ class StudyConfig:
     repetitions: list[float] = field(default_factory=lambda: [1.0])
     unique_tokens: int | None = None  # a pool size given directly, instead of repetition
     seeds: list[int] = field(default_factory=lambda: [0])
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     student: Shape = field(default_factory=lambda: Shape(2, 128, 4, 512))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     strategy_options: StrategyConfig = field(default_factory=StrategyConfig)
@@ -269,6 +272,11 @@ def validate(config: StudyConfig) -> None:
         raise ConfigError("unique_tokens", f"must hold at least one sequence ({config.data.seq_len} tokens)")
     if not config.seeds:
         raise ConfigError("seeds", "at least one seed is needed")
+    for control in config.controls:
+        if control not in CONTROLS:
+            raise ConfigError("controls", f"unknown control {control!r}; known: {', '.join(CONTROLS)}")
+    if len(set(config.controls)) < len(config.controls):
+        raise ConfigError("controls", f"each control at most once, got {config.controls}")
     _check_shape("student", config.student, config.data.seq_len)
     _check_shape("teacher.shape", config.teacher.shape, config.data.seq_len)
     teacher = config.teacher

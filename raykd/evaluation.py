@@ -455,6 +455,19 @@ def finetune_task(
     }
 
 
+def chance_score(task, data_dir=None, *, max_eval_examples=None, seed=0):
+    """The task's chance level: the best score of a constant prediction over the classes seen in training
+    (majority-class accuracy, MCC 0, F1 and accuracy of all-positive on a balanced pair task); 0 for a
+    regression, whose correlations with a constant are 0. A student at this level has learned nothing."""
+    spec = task_spec(task)
+    splits = load_task(task, data_dir)
+    if _num_labels(task, spec, splits) == 1:
+        return 0.0
+    train = np.asarray(_columns(splits["train"], [LABEL_COLUMN])[LABEL_COLUMN])
+    dev = np.asarray(_columns(_subset(splits["validation"], max_eval_examples, seed), [LABEL_COLUMN])[LABEL_COLUMN])
+    return max(task_score(task, np.full(len(dev), label), dev)[0] for label in np.unique(train.astype(int)))
+
+
 def evaluate_student(student_dir, tokenizer_dir, tasks, **finetune_options):
     """Fine-tune and score a student on each task (see `finetune_task`).
 

@@ -101,6 +101,12 @@ def ensure_teacher(config: StudyConfig, meta_path: Path, cache_dir: Path, storag
     return str(out / TEACHER_MODEL), False
 
 
+def teacher_record(teacher_dir: str) -> dict | None:
+    """The pretraining record of a self-pretrained teacher (ledger, MLM validation loss); None for a given one."""
+    path = Path(teacher_dir).parent / TEACHER_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, name: str) -> dict:
     """Pretrain the teacher with `scratch` on the whole corpus at the teacher's budget."""
     from raykd.ray_train import TrialSpec, run_pretraining

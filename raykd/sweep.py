@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,13 +26,14 @@ import pandas as pd
 import ray
 from ray import tune
 
-from raykd.config import ConfigError, StudyConfig
+from raykd.config import CONTROLS, ConfigError, StudyConfig
 from raykd.data.masking import mask_batch
-from raykd.data.shards import load_meta
+from raykd.data.shards import load_meta, unigram_entropy
 from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
 from raykd.strategies import build_strategy
-from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
+from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks,
+                          teacher_record)
 
 TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
@@ -100,6 +102,16 @@ def plan_cells(config: StudyConfig, meta: dict) -> list[dict]:
     return cells
 
 
+def control_cells(config: StudyConfig) -> list[dict]:
+    """The reference rows of the study, one per control and seed: fine-tuned, never pretrained by the grid."""
+    teacher = config.teacher
+    budgets = {"random_init": 0.0, "teacher": teacher.budget if teacher.source == "pretrain" else math.nan}
+    lrs = {"random_init": math.nan, "teacher": teacher.lr if teacher.source == "pretrain" else math.nan}
+    return [{"trial_id": f"{control}-s{seed}", "strategy": control, "budget": budgets[control],
+             "repetition": math.nan, "seed": seed, "lr": lrs[control], "lr_source": "control"}
+            for seed in config.seeds for control in config.controls]
+
+
 def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
     """Tuned peak LRs {strategy: {budget_key: lr}} and the file they came from (None: config's)."""
     path = Path(config.train.lr_file) if config.train.lr_file else out / TUNED_LR_FILE
@@ -136,34 +148,77 @@ def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_
 
 
 def pretrain_and_evaluate(trial_config: dict) -> None:
-    """A Tune trial: pretrain one cell on Ray Train, fine-tune it on every task, report its row."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raykd.evaluation import evaluate_student
-    from raykd.ray_train import TrialSpec, run_pretraining
-
+    """A Tune trial: pretrain one cell on Ray Train (controls: none), fine-tune it on every task, report its row."""
     cell, study = trial_config["cell"], trial_config["study"]
     started = time.time()
+    with tempfile.TemporaryDirectory(prefix="raykd-control-") as scratch_dir:
+        if cell["strategy"] in CONTROLS:
+            summary = control_summary(cell, study, Path(scratch_dir))
+        else:
+            summary = pretrain(cell, study)
+        scores = evaluate(summary["checkpoint"], study, cell["seed"])
+    row = {**{k: cell[k] for k in ("trial_id", "strategy", "budget", "repetition", "seed")},
+           "budget_unit": summary.get("budget_unit", study["spec"]["budget_unit"]),
+           **{k: summary[k] for k in ("flops", "teacher_flops", "tokens", "device_seconds", "unique_tokens",
+                                      "epochs", "steps", "mlm_val_loss", "kd_loss")},
+           "lr": cell["lr"], "lr_source": cell["lr_source"], **scores["scores"], "glue_score": scores["glue_score"],
+           "checkpoint": summary["checkpoint"] if cell["strategy"] != "random_init" else "",
+           "wall_seconds": time.time() - started, "curve": json.dumps(summary.get("curve", []))}
+    tune.report({"glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+
+
+def pretrain(cell: dict, study: dict) -> dict:
+    """Pretrain one grid cell on Ray Train; Train's reports are forwarded to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raykd.ray_train import TrialSpec, run_pretraining
+
     spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
                      seed=cell["seed"], peak_lr=cell["lr"], **study["spec"])
-    summary = run_pretraining(spec, study["storage"], name=f"{study['key']}-{cell['trial_id']}",
-                              callbacks=[TuneReportCallback()])
+    return run_pretraining(spec, study["storage"], name=f"{study['key']}-{cell['trial_id']}",
+                           callbacks=[TuneReportCallback()])
+
+
+def control_summary(cell: dict, study: dict, folder: Path) -> dict:
+    """A control's pretraining row: `random_init` is the student at its seed's initial weights (saved to
+    `folder`), `teacher` the teacher itself with its own pretraining ledger; both get an MLM validation loss."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from raykd.data.stream import validation_batches
+    from raykd.models import ModelShape, build_masked_lm
+    from raykd.strategies import Scratch
+    from raykd.train import StudentStep, validation_losses
+
+    spec = study["spec"]
+    torch.set_num_threads(spec["num_threads"])
+    if cell["strategy"] == "random_init":
+        model = build_masked_lm(ModelShape(**spec["student"]), spec["vocab_size"], spec["seq_len"], seed=cell["seed"],
+                                dropout=spec["dropout"])
+        model.save_pretrained(folder / "student")
+        checkpoint, ledger = str(folder / "student"), {}
+    else:
+        checkpoint, ledger = spec["teacher_dir"], dict(study["teacher_ledger"])
+        model = AutoModelForMaskedLM.from_pretrained(checkpoint)
+    batches = validation_batches(spec["meta_path"], spec["per_worker_batch"], cell["seed"],
+                                 max_examples=spec["validation_examples"], mask_prob=spec["mask_prob"])
+    losses = validation_losses(StudentStep(model, Scratch()), batches)
+    return {"flops": 0.0, "teacher_flops": 0.0, "tokens": 0, "device_seconds": 0.0, "unique_tokens": 0,
+            "epochs": 0.0, "steps": 0, **ledger, "mlm_val_loss": losses["mlm_val_loss"], "kd_loss": math.nan,
+            "checkpoint": checkpoint}
+
+
+def evaluate(student_dir: str, study: dict, seed: int) -> dict:
+    """Fine-tune a student on every task of the study (the same code for students and controls)."""
+    from raykd.evaluation import evaluate_student
+
     evaluation = study["eval"]
-    scores = evaluate_student(summary["checkpoint"], study["tokenizer_dir"], evaluation["tasks"],
-                              data_dir=study["tasks_dir"], learning_rates=evaluation["learning_rates"],
-                              batch_sizes=evaluation["batch_sizes"], epochs=evaluation["epochs"],
-                              max_seq_len=evaluation["max_seq_len"], seed=cell["seed"],
-                              max_train_examples=evaluation["train_examples"],
-                              max_eval_examples=evaluation["validation_examples"], num_threads=spec.num_threads)
-    row = {**{k: cell[k] for k in ("trial_id", "strategy", "budget", "repetition", "seed")},
-           "budget_unit": spec.budget_unit, "flops": summary["flops"], "teacher_flops": summary["teacher_flops"],
-           "tokens": summary["tokens"], "device_seconds": summary["device_seconds"],
-           "unique_tokens": summary["unique_tokens"], "epochs": summary["epochs"], "steps": summary["steps"],
-           "lr": cell["lr"], "lr_source": cell["lr_source"], "mlm_val_loss": summary["mlm_val_loss"],
-           "kd_loss": summary["kd_loss"], **scores["scores"], "glue_score": scores["glue_score"],
-           "checkpoint": summary["checkpoint"], "wall_seconds": time.time() - started,
-           "curve": json.dumps(summary["curve"])}
-    tune.report({"glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+    return evaluate_student(student_dir, study["tokenizer_dir"], evaluation["tasks"], data_dir=study["tasks_dir"],
+                            learning_rates=evaluation["learning_rates"], batch_sizes=evaluation["batch_sizes"],
+                            epochs=evaluation["epochs"], max_seq_len=evaluation["max_seq_len"], seed=seed,
+                            max_train_examples=evaluation["train_examples"],
+                            max_eval_examples=evaluation["validation_examples"],
+                            num_threads=study["spec"]["num_threads"])
 
 
 def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
@@ -173,7 +228,7 @@ def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
     """
     cell, spec = trial_config["cell"], trial_config["study"]["spec"]
     bundles = [{"CPU": trial_config["study"]["trial_cpus"]}]
-    if cell["strategy"] != "scratch" and spec["teacher_placement"] == "actor":
+    if cell["strategy"] not in ("scratch", *CONTROLS) and spec["teacher_placement"] == "actor":
         actor = {"CPU": spec["teacher_actor_cpus"], **({"GPU": spec["teacher_actor_gpus"]} if spec["teacher_actor_gpus"] else {})}
         bundles += [actor] * spec["teacher_actors"]
     return tune.PlacementGroupFactory(bundles)
@@ -255,24 +310,28 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
+    cells = plan_cells(config, meta) + control_cells(config)  # pool sizes checked before any training
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config)
     out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config.to_dict(), str(out))
-    (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
-                                              "config": config.to_dict()}, indent=1))
+    study_record = {"name": config.name, "tasks": config.eval.tasks, "key": key, "config": config.to_dict(),
+                    "chance": chance_levels(config, tasks_dir),
+                    "references": {"unigram_entropy": unigram_entropy(meta_path)}}
+    _write_study(out, study_record)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
-        needs_teacher = any(cell["strategy"] != "scratch" for cell in todo)
+        needs_teacher = any(cell["strategy"] not in ("scratch", "random_init") for cell in todo)
         teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
         for cell in todo:
-            cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
+            if cell["strategy"] not in CONTROLS:
+                cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
         study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path,
                  "key": key, "trial_cpus": config.sweep.trial_cpus, "tokenizer_dir": str(Path(meta_path).parent / meta["tokenizer"]),
-                 "tasks_dir": str(tasks_dir) if tasks_dir else None, "eval": asdict(config.eval)}
+                 "tasks_dir": str(tasks_dir) if tasks_dir else None, "eval": asdict(config.eval),
+                 "teacher_ledger": teacher_ledger(config, teacher_dir)}
         trainable = tune.with_resources(pretrain_and_evaluate, trial_resources)
         tuner = tune.Tuner(
             trainable,
@@ -286,7 +345,37 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     missing = [cell["trial_id"] for cell in cells if cell["trial_id"] not in set(results.get("trial_id", []))]
     if missing:
         raise RuntimeError(f"{len(missing)} trial(s) did not finish: {', '.join(missing)}; rerun with --resume")
+    teachers = results[results["strategy"] == "teacher"]["mlm_val_loss"]
+    study_record["references"]["teacher_mlm_val_loss"] = float(teachers.mean()) if len(teachers) else None
+    _write_study(out, study_record)
     return results
+
+
+def _write_study(out: Path, record: dict) -> None:
+    staging = out / f".{STUDY_FILE}.tmp"
+    staging.write_text(json.dumps(record, indent=1))
+    os.replace(staging, out / STUDY_FILE)
+
+
+def teacher_ledger(config: StudyConfig, teacher_dir: str | None) -> dict:
+    """The teacher control's pretraining columns: its own budget and ledger (a given teacher's are unknown)."""
+    record = teacher_record(teacher_dir) if teacher_dir else None
+    unknown = {key: math.nan for key in ("flops", "teacher_flops", "tokens", "device_seconds", "unique_tokens",
+                                         "epochs", "steps")}
+    if record is None:
+        return {**unknown, "budget_unit": config.teacher.budget_unit}
+    return {**unknown, **{key: record[key] for key in unknown if key in record},
+            "budget_unit": config.teacher.budget_unit}
+
+
+def chance_levels(config: StudyConfig, tasks_dir: Path | None) -> dict:
+    """Each task's score for a constant prediction (the train split's majority answer; 0 for correlations)."""
+    from raykd.evaluation import chance_score
+
+    evaluation = config.eval
+    return {task: chance_score(task, str(tasks_dir) if tasks_dir else None,
+                               max_eval_examples=evaluation.validation_examples, seed=config.seeds[0])
+            for task in evaluation.tasks}
 
 
 def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
@@ -390,5 +479,5 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
 def summary_table(results: pd.DataFrame) -> str:
     """Strategy × budget × repetition → tokens, passes, MLM loss, GLUE score (means over seeds)."""
     columns = ["tokens", "epochs", "mlm_val_loss", "glue_score"]
-    table = results.groupby(["budget", "repetition", "strategy"], sort=True)[columns].mean()
+    table = results.groupby(["budget", "repetition", "strategy"], sort=True, dropna=False)[columns].mean()
     return table.to_string(float_format=lambda v: f"{v:.4g}" if not math.isnan(v) else "nan")

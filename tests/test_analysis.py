@@ -14,10 +14,12 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
 from analysis.report import main as report_main
 from raykd.analysis import (
     STRATEGY_COLOURS,
+    control_table,
     format_table,
     kd_gain,
     linked_figures,
@@ -25,6 +27,7 @@ from raykd.analysis import (
     load_results,
     paper_table,
     plot_glue_vs_budget,
+    pretraining_gain,
     plot_tokens_and_passes,
     task_columns,
     write_report,
@@ -41,8 +44,11 @@ EFFECT = {"scratch": 0.0, "vanilla_kd": 0.3, "tinybert": 2.0, "minilm": 2.5}
 # ------------------------------------------------------------ a synthetic sweep
 
 
+CONTROL_LEVEL = {"random_init": 40.0, "teacher": 75.0}
+
+
 def make_sweep(folder: Path, strategies=tuple(COST), budgets=(2e12, 8e12), repetitions=(1.0, 4.0),
-               seeds=(0, 1), rng_seed=0) -> Path:
+               seeds=(0, 1), rng_seed=0, controls=("random_init", "teacher")) -> Path:
     """Write results.parquet, study.json and curves.parquet shaped like a sweep's output."""
     rng = np.random.default_rng(rng_seed)
     flops_per_token = 6 * 5.5e6
@@ -79,10 +85,21 @@ def make_sweep(folder: Path, strategies=tuple(COST), budgets=(2e12, 8e12), repet
                             "loss": 6.0 - 2.0 * fraction + rng.normal(0, 0.05),
                             "mlm_val_loss": 6.2 - 2.0 * fraction + rng.normal(0, 0.05) if step % 4 == 0 else np.nan,
                         })
+    for control in controls:
+        for seed in seeds:
+            scores = {task: float(rng.normal(CONTROL_LEVEL[control], 3)) for task in TASKS}
+            results.append({
+                "trial_id": f"{control}-s{seed}", "strategy": control, "budget": 0.0 if control == "random_init" else 5e13,
+                "budget_unit": "flops", "repetition": float("nan"), "seed": seed, "flops": 0.0, "tokens": 0,
+                "device_seconds": 0.0, "unique_tokens": 0, "epochs": 0.0, "steps": 0, "lr": float("nan"),
+                "lr_source": "control", "mlm_val_loss": 7.0 if control == "random_init" else 2.5, "kd_loss": float("nan"),
+                **scores, "glue_score": float(np.mean(list(scores.values()))), "checkpoint": "", "wall_seconds": 10.0})
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(results).to_parquet(folder / "results.parquet")
     pd.DataFrame(curves).to_parquet(folder / "curves.parquet")
-    (folder / "study.json").write_text(json.dumps({"tasks": TASKS, "preset": "test"}))
+    (folder / "study.json").write_text(json.dumps({
+        "tasks": TASKS, "chance": {"syn_cola": 0.0, "syn_topic": 12.5, "syn_para": 58.3, "syn_nli": 50.0, "syn_sts": 0.0},
+        "references": {"unigram_entropy": 4.321, "teacher_mlm_val_loss": 2.468}}))
     return folder
 
 
@@ -94,10 +111,17 @@ def sweep(tmp_path_factory) -> Path:
 # ------------------------------------------------------------ reusable checks
 
 
-def _mean_std(values) -> tuple[float, float]:
+def _mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t interval, computed directly."""
     values = np.asarray(values, dtype=float)
     values = values[~np.isnan(values)]
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"))
+    if len(values) < 2:
+        return float(np.mean(values)), float("nan")
+    low, high = scipy.stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=scipy.stats.sem(values))
+    return float(np.mean(values)), float((high - low) / 2)
+
+
+GRID = "strategy not in ('random_init', 'teacher')"
 
 
 def _same(a: float, b: float) -> bool:
@@ -105,8 +129,8 @@ def _same(a: float, b: float) -> bool:
 
 
 def check_paper_table(sweep_dir: Path) -> None:
-    """paper_table equals per-cell mean/std computed directly from results.parquet."""
-    raw = pd.read_parquet(sweep_dir / "results.parquet")
+    """paper_table equals per-cell mean and 95 % CI computed directly from results.parquet."""
+    raw = pd.read_parquet(sweep_dir / "results.parquet").query(GRID)
     tasks = json.loads((sweep_dir / "study.json").read_text())["tasks"]
     table = paper_table(load_results(sweep_dir))
     cells = raw.groupby(CELL_AND_STRATEGY)
@@ -114,9 +138,9 @@ def check_paper_table(sweep_dir: Path) -> None:
     for key, frame in cells:
         row = table.loc[key]
         for metric in tasks + ["glue_score"]:
-            mean, std = _mean_std(frame[metric])
+            mean, half = _mean_ci(frame[metric])
             assert _same(row[(metric, "mean")], mean), (key, metric)
-            assert _same(row[(metric, "std")], std), (key, metric)
+            assert _same(row[(metric, "ci95")], half), (key, metric)
         assert row[("n_seeds", "")] == len(frame)
     # Within each cell the strategies read in the study's order.
     order = ["scratch", "vanilla_kd", "tinybert", "minilm"]
@@ -126,8 +150,8 @@ def check_paper_table(sweep_dir: Path) -> None:
 
 
 def check_kd_gain(sweep_dir: Path) -> None:
-    """kd_gain equals KD mean minus scratch mean per cell, with the paired-seed std."""
-    raw = pd.read_parquet(sweep_dir / "results.parquet")
+    """kd_gain equals the mean paired difference to scratch per cell, with its 95 % CI and verdict."""
+    raw = pd.read_parquet(sweep_dir / "results.parquet").query(GRID)
     gain = kd_gain(load_results(sweep_dir)).set_index(CELL_AND_STRATEGY)
     expected_rows = 0
     for key, frame in raw.groupby(["budget_unit", "budget", "repetition"]):
@@ -135,13 +159,14 @@ def check_kd_gain(sweep_dir: Path) -> None:
         for strategy in set(frame.strategy) - {"scratch"}:
             student = frame[frame.strategy == strategy]
             row = gain.loc[(*key, strategy)]
-            assert _same(row["gain"], student.glue_score.mean() - scratch.glue_score.mean())
             paired = student.merge(scratch, on="seed", suffixes=("", "_scratch"))
             if len(paired) == len(student) == len(scratch) >= 2:
-                difference = paired.glue_score - paired.glue_score_scratch
-                assert _same(row["gain_std"], float(np.std(difference, ddof=1)))
+                mean, half = _mean_ci(paired.glue_score - paired.glue_score_scratch)
+                assert _same(row["gain"], mean) and _same(row["gain_ci95"], half)
+                assert bool(row["significant"]) == (abs(mean) > half)
             else:
-                assert np.isnan(row["gain_std"])
+                assert _same(row["gain"], student.glue_score.mean() - scratch.glue_score.mean())
+                assert np.isnan(row["gain_ci95"]) and not row["significant"]
             assert row["n_seeds"] == len(student) and row["n_scratch_seeds"] == len(scratch)
             expected_rows += 1
     assert len(gain) == expected_rows
@@ -175,9 +200,17 @@ def check_report(sweep_dir: Path, out: Path | None = None) -> Path:
         check_image(figure)
     # The GLUE column of the table, formatted from a direct computation.
     raw = pd.read_parquet(sweep_dir / "results.parquet")
-    for _, frame in raw.groupby(CELL_AND_STRATEGY):
-        mean, std = _mean_std(frame.glue_score)
-        assert (f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}") in text
+    for _, frame in raw.query(GRID).groupby(CELL_AND_STRATEGY):
+        mean, half = _mean_ci(frame.glue_score)
+        assert (f"{mean:.1f}" if np.isnan(half) else f"{mean:.1f} ± {half:.1f}") in text
+    for control, frame in raw.query(f"not ({GRID})").groupby("strategy"):
+        mean, half = _mean_ci(frame.glue_score)
+        assert f"| {control} |" in text and (f"{mean:.1f}" if np.isnan(half) else f"{mean:.1f} ± {half:.1f}") in text
+    study = json.loads((sweep_dir / "study.json").read_text())
+    for task, level in study.get("chance", {}).items():
+        assert task in text.split("## Chance level per task")[1] and f"{level:.1f}" in text
+    for value in study.get("references", {}).values():
+        assert f"{value:.3f}" in text
     return report
 
 
@@ -205,8 +238,9 @@ def test_figures_show_every_strategy(sweep, tmp_path):
 def test_load_results_adds_sweep_and_tasks(sweep, tmp_path):
     other = make_sweep(tmp_path / "other", strategies=("scratch", "minilm"), seeds=(7,), rng_seed=1)
     df = load_results(sweep, other)
-    assert len(df) == 32 + 8
-    assert df.groupby("sweep").size().to_dict() == {"grid": 32, "other": 8}
+    # 32 trials + 2 controls x 2 seeds; 8 trials + 2 controls x 1 seed
+    assert len(df) == 36 + 10
+    assert df.groupby("sweep").size().to_dict() == {"grid": 36, "other": 10}
     assert task_columns(df) == TASKS == task_columns(sweep)
     assert load_curves(sweep, other)["sweep"].unique().tolist() == ["grid", "other"]
     # Same trial_id in two sweeps stays two trials.
@@ -232,16 +266,46 @@ def test_kd_gain_hand_checked():
     ])
     gain = kd_gain(df).set_index("strategy")
     assert list(gain.index) == ["tinybert", "minilm"]
-    # minilm: 54 - 52 = 2; paired differences 3 and 1 -> std sqrt(2).
+    # minilm: paired differences 3 and 1 -> mean 2, std sqrt(2), 95 % CI 2 ± t(0.975, 1) * sqrt(2) / sqrt(2)
+    # = 2 ± 12.706: contains 0, not significant.
     assert gain.loc["minilm", "gain"] == pytest.approx(2.0)
-    assert gain.loc["minilm", "gain_std"] == pytest.approx(np.sqrt(2.0))
-    # tinybert's seeds (0, 2) do not pair with scratch's (0, 1): no std of differences.
+    assert gain.loc["minilm", "gain_ci95"] == pytest.approx(12.7062047, rel=1e-6)
+    assert not gain.loc["minilm", "significant"]
+    # tinybert's seeds (0, 2) do not pair with scratch's (0, 1): difference of means, no interval.
     assert gain.loc["tinybert", "gain"] == pytest.approx(2.0)
-    assert np.isnan(gain.loc["tinybert", "gain_std"])
+    assert np.isnan(gain.loc["tinybert", "gain_ci95"]) and not gain.loc["tinybert", "significant"]
     assert gain.loc["minilm", "n_seeds"] == 2 and gain.loc["minilm", "n_scratch_seeds"] == 2
 
 
-def test_format_table_writes_mean_plus_minus_std():
+def test_a_gain_whose_interval_excludes_zero_is_significant():
+    base = {"budget_unit": "flops", "budget": 1e12, "repetition": 1.0}
+    df = pd.DataFrame([{**base, "strategy": strategy, "seed": seed, "glue_score": score}
+                       for strategy, scores in (("scratch", (50.0, 52.0, 51.0)), ("minilm", (55.0, 57.5, 56.0)))
+                       for seed, score in enumerate(scores)])
+    row = kd_gain(df).iloc[0]
+    # differences 5, 5.5, 5: mean 5.1667, sd 0.288675, t(0.975, 2) = 4.302653 -> half-width 0.717109
+    assert row["gain"] == pytest.approx(5.1666667) and row["gain_ci95"] == pytest.approx(0.717109, rel=1e-5)
+    assert row["significant"] and row["ci_low"] > 0
+
+
+def test_controls_are_tabled_apart_and_paired_against_random_init(sweep):
+    df = load_results(sweep)
+    assert set(paper_table(df).index.get_level_values("strategy")) == set(COST)
+    controls = control_table(df)
+    assert list(controls.index) == ["random_init", "teacher"]
+    raw = pd.read_parquet(sweep / "results.parquet")
+    mean, half = _mean_ci(raw[raw.strategy == "teacher"].glue_score)
+    assert _same(controls.loc["teacher", ("glue_score", "mean")], mean)
+    assert _same(controls.loc["teacher", ("glue_score", "ci95")], half)
+    gain = pretraining_gain(df)
+    teacher = gain[gain.strategy == "teacher"].iloc[0]
+    random_init = raw[raw.strategy == "random_init"].set_index("seed").glue_score
+    difference = raw[raw.strategy == "teacher"].set_index("seed").glue_score - random_init
+    assert _same(teacher["gain"], difference.mean()) and _same(teacher["gain_ci95"], _mean_ci(difference)[1])
+    assert len(gain) == 1 + len(paper_table(df))
+
+
+def test_format_table_writes_mean_plus_minus_ci():
     df = pd.DataFrame({
         "budget_unit": "tokens", "budget": 1e6, "repetition": 1.0, "strategy": ["minilm", "scratch", "minilm"],
         "seed": [0, 0, 1], "syn_cola": [10.0, 20.0, 14.0], "glue_score": [40.0, 41.25, 44.0],
@@ -250,14 +314,15 @@ def test_format_table_writes_mean_plus_minus_std():
     lines = text.splitlines()
     assert lines[0] == "| budget | repetition | strategy | syn_cola | GLUE | seeds |"
     assert lines[2] == "| 1e+06 tokens | 1 | scratch | 20.0 | 41.2 | 1 |"
-    assert lines[3] == "| 1e+06 tokens | 1 | minilm | 12.0 ± 2.8 | 42.0 ± 2.8 | 2 |"
+    # two seeds: half-width = t(0.975, 1) * sd / sqrt(2) = 12.706 * 2.828 / 1.414 = 25.4
+    assert lines[3] == "| 1e+06 tokens | 1 | minilm | 12.0 ± 25.4 | 42.0 ± 25.4 | 2 |"
 
 
 def test_single_budget_repetition_and_seed(tmp_path):
     folder = make_sweep(tmp_path / "tiny", strategies=("scratch", "minilm"), budgets=(1e12,),
                         repetitions=(1.0,), seeds=(3,))
     report = assert_report_matches(folder, out=tmp_path / "report_out")
-    scores = report.read_text().split("## Scores")[1].split("## KD gain")[0]
+    scores = report.read_text().split("## Scores")[1].split("## Controls")[0]
     rows = [line for line in scores.splitlines() if line.startswith("| 1e+12")]
     assert len(rows) == 2 and not any("±" in row for row in rows)
 

@@ -64,6 +64,9 @@ TOPIC_SHARE = 0.12     # chance that a content concept is boosted in a given top
 TOPIC_BOOST = 8.0      # weight factor of a boosted concept within its topic
 ZIPF_EXPONENT = 1.0
 SELECTION_RATE = 0.8   # chance that a noun/adjective follows the selectional class
+# Within a document, chance that a content word repeats a concept the document already used
+# (adjectives: one already used with the same noun), as real documents keep to their subjects.
+P_REUSE = {"noun": 0.5, "verb": 0.4, "adj": 0.5, "adv": 0.3}
 
 # Sentence shape probabilities (pretraining corpus).
 P_TRANSITIVE = 0.65
@@ -202,6 +205,7 @@ class SyntheticLanguage:
         if not 2 <= num_topics <= 64:
             raise ValueError(f"num_topics must be in [2, 64], got {num_topics}")
         self.seed, self.num_words, self.num_topics = seed, num_words, num_topics
+        self._memory: dict | None = None  # set while `document` generates one
         rng = random.Random(f"raykd-synthetic-lexicon/{seed}")
         # Concept counts from the target number of word types: nouns have 2
         # forms, verbs 3 (pl, sg, participle); synonyms add lemmas.
@@ -359,20 +363,43 @@ class SyntheticLanguage:
 
     # The draw_* methods return concept ids, weighted by the topic's Zipf weights.
 
+    # Inside `document`, a draw may instead repeat a concept the document already used
+    # (`_recall`), so documents keep talking about the same things, as real ones do.
+
     def draw_noun(self, rng: random.Random, topic: int, klass: int = ANY_CLASS) -> int:
         if klass != ANY_CLASS and rng.random() >= SELECTION_RATE:
             klass = ANY_CLASS
-        return self._nouns[topic][klass].draw(rng)
+        used = self._recall(rng, "noun", lambda n: klass == ANY_CLASS or self.noun_class[n] == klass)
+        return used if used is not None else self._remember("noun", self._nouns[topic][klass].draw(rng))
 
     def draw_adjective(self, rng: random.Random, topic: int, noun: int) -> int:
         klass = self.noun_class[noun] if rng.random() < SELECTION_RATE else ANY_CLASS
-        return self._adjs[topic][klass].draw(rng)
+        used = self._recall(rng, ("adj", noun), lambda a: True)
+        return used if used is not None else self._remember(("adj", noun), self._adjs[topic][klass].draw(rng))
 
     def draw_verb(self, rng: random.Random, topic: int, transitive: bool) -> int:
-        return self._verbs[topic][transitive].draw(rng)
+        used = self._recall(rng, "verb", lambda v: self.verb_transitive[v] == transitive)
+        return used if used is not None else self._remember("verb", self._verbs[topic][transitive].draw(rng))
 
     def draw_adverb(self, rng: random.Random, topic: int) -> int:
-        return self._advs[topic].draw(rng)
+        used = self._recall(rng, "adv", lambda a: True)
+        return used if used is not None else self._remember("adv", self._advs[topic].draw(rng))
+
+    def _recall(self, rng: random.Random, kind, fits) -> int | None:
+        """In a document, with chance P_REUSE of the word's category, an earlier occurrence that
+        fits (drawn in proportion to how often it occurred); None: draw afresh."""
+        if self._memory is None:
+            return None
+        earlier = self._memory.get(kind)
+        if not earlier or rng.random() >= P_REUSE[kind if isinstance(kind, str) else kind[0]]:
+            return None
+        fitting = [concept for concept in earlier if fits(concept)]
+        return fitting[int(rng.random() * len(fitting))] if fitting else None
+
+    def _remember(self, kind, concept: int) -> int:
+        if self._memory is not None:
+            self._memory.setdefault(kind, []).append(concept)
+        return concept
 
     def draw_determiner(self, rng: random.Random, plural: bool, upward_only: bool = False) -> str:
         return DETERMINERS[self._dets[plural][upward_only].draw(rng)][0]
@@ -499,8 +526,12 @@ class SyntheticLanguage:
         topic = int(rng.random() * self.num_topics)
         lo, hi = SENTENCES_PER_DOCUMENT
         n = lo + int(rng.random() * (hi - lo + 1))
-        return Document(doc_id, topic, tuple(self.realize(self.sample_clause(rng, topic), rng, topic)
-                                             for _ in range(n)))
+        self._memory = {}  # the concepts this document has used so far
+        try:
+            sentences = tuple(self.realize(self.sample_clause(rng, topic), rng, topic) for _ in range(n))
+        finally:
+            self._memory = None
+        return Document(doc_id, topic, sentences)
 
     def documents(self, start: int, count: int) -> Iterator[Document]:
         """Documents start, start+1, ..., start+count-1."""
