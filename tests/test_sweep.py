@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoModelForMaskedLM
 
 from conftest import sweep_command
-from raykd.config import load_config
+from raykd.config import CONTROLS, load_config
 from raykd.data.shards import load_meta
 from raykd.evaluation import TASKS
 from raykd.flops import step_flops
@@ -21,8 +21,14 @@ SPEC_COLUMNS = ["strategy", "budget", "budget_unit", "repetition", "seed", "flop
 
 
 @pytest.fixture(scope="module")
-def results(smoke_study):
+def everything(smoke_study):
     return pd.read_parquet(smoke_study["out"] / "results.parquet")
+
+
+@pytest.fixture(scope="module")
+def results(everything):
+    """The pretraining trials (no control rows)."""
+    return everything[~everything.strategy.isin(CONTROLS)]
 
 
 def test_results_meet_the_contract(results, smoke_study):
@@ -49,8 +55,34 @@ def test_results_meet_the_contract(results, smoke_study):
     assert (results[results.strategy != "scratch"].tokens < scratch.tokens).all()
 
 
-def test_glue_columns_hold_real_metric_values(results):
+def test_every_study_has_its_controls_and_references(everything, smoke_study):
+    """random_init (the seed's initial weights) and the teacher, fine-tuned like the students; study.json
+    holds the unigram entropy, the teacher's MLM loss and each task's chance level."""
+    config = load_config("smoke")
+    controls = everything[everything.strategy.isin(CONTROLS)].set_index("strategy")
+    assert sorted(controls.index) == sorted(CONTROLS) and set(controls.seed) == set(config.seeds)
+    meta = load_meta(next(smoke_study["cache"].glob("data-*/meta.json")))
+    random_init, teacher = controls.loc["random_init"], controls.loc["teacher"]
+    assert (random_init.budget, random_init.flops, random_init.steps, random_init.tokens) == (0, 0, 0, 0)
+    # An untrained LM head predicts about uniformly: its loss is near ln(V); the teacher's is far below.
+    assert abs(random_init.mlm_val_loss - np.log(meta["vocab_size"])) < 0.5
+    teacher_record = json.loads(next(smoke_study["cache"].glob("teacher-*/teacher.json")).read_text())
+    assert teacher.budget == config.teacher.budget and teacher.flops == pytest.approx(teacher_record["flops"])
+    assert teacher.steps == teacher_record["steps"] and teacher.mlm_val_loss < random_init.mlm_val_loss - 1
+    AutoModelForMaskedLM.from_pretrained(teacher.checkpoint)
+    for task in config.eval.tasks + ["glue_score"]:
+        assert np.isfinite(controls[task]).all(), task
+    study = json.loads((smoke_study["out"] / "study.json").read_text())
+    assert study["references"]["teacher_mlm_val_loss"] == pytest.approx(teacher.mlm_val_loss)
+    assert 0 < study["references"]["unigram_entropy"] < np.log(meta["vocab_size"])
+    assert set(study["chance"]) == set(config.eval.tasks)
+    assert study["chance"]["syn_cola"] == 0 and study["chance"]["syn_sts"] == 0
+    assert 100 / 8 <= study["chance"]["syn_topic"] < 30 and 50 <= study["chance"]["syn_para"] < 70
+
+
+def test_glue_columns_hold_real_metric_values(everything):
     tasks = load_config("smoke").eval.tasks
+    results = everything
     for task in tasks:
         values = results[task]
         assert values.notna().all() and values.between(-100, 100).all(), task
@@ -60,14 +92,15 @@ def test_glue_columns_hold_real_metric_values(results):
     assert results[tasks].to_numpy().std() > 0  # not a constant stand-in
 
 
-def test_resume_completes_the_study_and_keeps_finished_trials(smoke_study, results):
+def test_resume_completes_the_study_and_keeps_finished_trials(smoke_study, everything):
+    results = everything
     at_kill = smoke_study["at_kill"]
     assert 1 <= len(at_kill) < len(results), "the driver was not killed mid-sweep"
     rows = smoke_study["out"] / "trials"
     for name, (content, mtime) in at_kill.items():
         path = rows / name
         assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime, f"{name} was recomputed"
-    assert len(list(rows.glob("*.json"))) == len(results) == 4
+    assert len(list(rows.glob("*.json"))) == len(results) == 4 + len(CONTROLS)
     curves = pd.read_parquet(smoke_study["out"] / "curves.parquet")
     assert set(curves.trial_id) == set(results.trial_id)
 
