@@ -33,12 +33,19 @@ def default_cache_dir() -> Path:
 def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
     """Tokenizer and Parquet shards of the corpus; returns the meta.json path."""
     data = config.data
-    out = cache_dir / f"data-{config_hash(asdict(data))}"
+    out = cache_dir / f"data-{config_hash(asdict(data), _generator(data.source))}"
     source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
     try:
         return _prepare_corpus(out, source, data)
     except (ValueError, FileNotFoundError) as error:  # a bad file or shard: bad input, named
         raise ConfigError("data", str(error)) from None
+
+
+def _generator(source: str) -> int | None:
+    """The synthetic language's version (part of cache keys: a new language is a new corpus)."""
+    from raykd.data.synthetic import LANGUAGE_VERSION
+
+    return LANGUAGE_VERSION if source == "synthetic" else None
 
 
 def _prepare_corpus(out: Path, source: str, data) -> Path:
@@ -60,7 +67,7 @@ def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
     if config.eval.data_dir is not None:
         return Path(config.eval.data_dir)
     evaluation = config.eval
-    out = cache_dir / f"tasks-{config_hash(config.data.seed, evaluation.train_examples, evaluation.validation_examples, sorted(embedded))}"
+    out = cache_dir / f"tasks-{config_hash(config.data.seed, evaluation.train_examples, evaluation.validation_examples, sorted(embedded), _generator('synthetic'))}"
     if not out.exists():
         staging = _staging(out)
         write_tasks(staging, seed=config.data.seed, train_size=evaluation.train_examples,

@@ -30,6 +30,10 @@ from bisect import bisect_right as _bisect_right
 from itertools import accumulate
 from typing import Iterator, NamedTuple, Sequence
 
+# Bumped whenever a change alters what `SyntheticLanguage(seed)` generates: cached corpora and
+# tasks are keyed by it, so an old cache is never mistaken for the current language.
+LANGUAGE_VERSION = 2
+
 # Determiners: word, agrees with singular, agrees with plural, weight, upward
 # monotone. Only upward-monotone determiners keep "drop a modifier" entailments
 # valid ("the big dog runs" entails "the dog runs"; "every big dog runs" does not).
@@ -66,7 +70,7 @@ ZIPF_EXPONENT = 1.0
 SELECTION_RATE = 0.8   # chance that a noun/adjective follows the selectional class
 # Within a document, chance that a content word repeats a concept the document already used
 # (adjectives: one already used with the same noun), as real documents keep to their subjects.
-P_REUSE = {"noun": 0.5, "verb": 0.4, "adj": 0.5, "adv": 0.3}
+P_REUSE = {"noun": 0.85, "verb": 0.75, "adj": 0.85, "adv": 0.75}
 
 # Sentence shape probabilities (pretraining corpus).
 P_TRANSITIVE = 0.65
