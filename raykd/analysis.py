@@ -21,13 +21,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-STRATEGY_ORDER = ("scratch", "vanilla_kd", "tinybert", "minilm")
-STRATEGY_COLOURS = {
-    "scratch": "tab:gray",
-    "vanilla_kd": "tab:blue",
-    "tinybert": "tab:orange",
-    "minilm": "tab:green",
-}
+from raykd.strategies import STRATEGIES
+
+STRATEGY_ORDER = STRATEGIES  # the registry's order
+# One colour per registered strategy, in registry order (scratch grey, the KD strategies after it).
+PALETTE = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan")
+STRATEGY_COLOURS = dict(zip(STRATEGY_ORDER, PALETTE))
 # Used when a sweep folder has no study.json: the embedded synthetic tasks and GLUE.
 KNOWN_TASKS = (
     "syn_cola", "syn_topic", "syn_para", "syn_nli", "syn_sts",

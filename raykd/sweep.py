@@ -30,7 +30,7 @@ from raykd.data.masking import mask_batch
 from raykd.data.shards import load_meta
 from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
-from raykd.strategies import build_strategy
+from raykd.strategies import build_strategy, needs_teacher
 from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
 
 TRIALS_DIR = "trials"
@@ -68,7 +68,7 @@ def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
     elif config.budget_unit == "flops":
         shape = config.student.model_shape()
         masked = global_batch * masked_per_sequence(seq_len, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
-        charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options.options()), shape, None,
+        charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options), shape, None,
                             meta["vocab_size"], global_batch, seq_len, masked).total
         steps = int(budget // charge)
     else:
@@ -127,7 +127,7 @@ def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_
         vocab_size=meta["vocab_size"], seq_len=meta["seq_len"], teacher_dir=teacher_dir,
         teacher_shape=asdict(teacher.shape), teacher_placement=teacher.placement, teacher_actors=teacher.actors,
         teacher_actor_cpus=teacher.actor_cpus, teacher_actor_gpus=teacher.actor_gpus, teacher_dtype=teacher.dtype,
-        strategy_options=asdict(config.strategy_options), workers=train.workers,
+        strategy_options=dict(config.strategy_options), workers=train.workers,
         cpus_per_worker=train.cpus_per_worker, gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads,
         per_worker_batch=train.per_worker_batch, mask_prob=config.data.mask_prob, betas=tuple(train.betas),
         eps=train.eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, dropout=train.dropout,
@@ -173,7 +173,7 @@ def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
     """
     cell, spec = trial_config["cell"], trial_config["study"]["spec"]
     bundles = [{"CPU": trial_config["study"]["trial_cpus"]}]
-    if cell["strategy"] != "scratch" and spec["teacher_placement"] == "actor":
+    if needs_teacher(cell["strategy"]) and spec["teacher_placement"] == "actor":
         actor = {"CPU": spec["teacher_actor_cpus"], **({"GPU": spec["teacher_actor_gpus"]} if spec["teacher_actor_gpus"] else {})}
         bundles += [actor] * spec["teacher_actors"]
     return tune.PlacementGroupFactory(bundles)
@@ -266,8 +266,8 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
-        needs_teacher = any(cell["strategy"] != "scratch" for cell in todo)
-        teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+        teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
+                       if any(needs_teacher(cell["strategy"]) for cell in todo) else None)
         for cell in todo:
             cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
         study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path,
@@ -302,7 +302,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     cell = plan_cells(config, meta)[0]
     start_ray(config)
     storage_path = storage or str(cache / "runs")
-    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if cell["strategy"] != "scratch" else None
+    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher(cell["strategy"]) else None
     from raykd.ray_train import TrialSpec, run_pretraining
 
     spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
@@ -313,7 +313,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     masked = global_batch * masked_per_sequence(meta["seq_len"], config.data.mask_prob, meta["special_ids"],
                                                 meta["vocab_size"])
     shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
-    strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options.options())
+    strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options)
     charge = step_flops(strategy, shape, teacher_shape, meta["vocab_size"], global_batch, meta["seq_len"], masked).total
     return summary, charge if config.budget_unit == "flops" else float(global_batch * meta["seq_len"])
 
@@ -354,8 +354,8 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     start_ray(config)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     out.mkdir(parents=True, exist_ok=True)
-    needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
-    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+    teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
+                   if any(needs_teacher(cell["strategy"]) for cell in cells) else None)
     key = config_hash(config.to_dict(), str(out), "tune")
     study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path, "key": key,
              "trial_cpus": config.sweep.trial_cpus, "budget_fraction": config.tune.budget_fraction}

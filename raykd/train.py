@@ -17,7 +17,7 @@ from torch import nn
 from raykd.budget import BudgetMeter, StepCharge, lr_at
 from raykd.flops import step_flops
 from raykd.models import Captured, ForwardNeeds, ModelShape, encode
-from raykd.strategies import Strategy, mlm_loss
+from raykd.strategies.base import Strategy, mlm_loss
 from raykd.teacher import Teacher
 
 
