@@ -180,3 +180,53 @@ def test_the_registry_names_strategies_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(len(STRATEGIES))] * 2
+
+
+def slow_cosine_loss(hs, ht, w, mask):
+    total, count = 0.0, 0
+    for b in range(hs.shape[0]):
+        for i in range(hs.shape[1]):
+            if mask[b, i]:
+                s = (hs[b, i] @ w.T if w is not None else hs[b, i]).tolist()
+                t = ht[b, i].tolist()
+                dot = sum(x * y for x, y in zip(s, t))
+                norm = math.sqrt(sum(x * x for x in s)) * math.sqrt(sum(y * y for y in t))
+                total += 1.0 - dot / norm
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("d_s,d_t", [(4, 4), (4, 6)])
+@pytest.mark.parametrize("tau,alpha_ce,alpha_mlm,alpha_cos", [(2.0, 0.625, 0.25, 0.125), (1.5, 5.0, 2.0, 1.0)])
+def test_distilbert_matches_slow_triple_loss_with_projection_and_padding(d_s, d_t, tau, alpha_ce, alpha_mlm, alpha_cos):
+    layers_s, layers_t, vocab, masked = 2, 3, 9, 4
+    strategy = build_strategy("distilbert", ModelShape(layers_s, d_s, 2, 8), ModelShape(layers_t, d_t, 2, 8),
+                              {"temperature": tau, "alpha_ce": alpha_ce, "alpha_mlm": alpha_mlm, "alpha_cos": alpha_cos})
+    assert (strategy.projection is None) == (d_s == d_t)
+    assert strategy.teacher_needs().hidden_layers == (layers_t,) and strategy.teacher_needs().masked_logits
+    student = Captured(hidden={layers_s: torch.randn(B, L, d_s)}, masked_logits=torch.randn(masked, vocab))
+    teacher = Captured(hidden={layers_t: torch.randn(B, L, d_t)}, masked_logits=torch.randn(masked, vocab))
+    teacher.hidden[layers_t][1, 3:] = 1e6  # garbage at padded positions must not matter
+    targets = torch.tensor([0, 3, 8, 2])
+    loss, parts = strategy.loss(student, teacher, {"masked_targets": targets, "attention_mask": MASK})
+    s, t = student.masked_logits, teacher.masked_logits
+    kl = sum(slow_kl(slow_softmax((t[i] / tau).tolist()), slow_softmax((s[i] / tau).tolist())) for i in range(masked)) / masked
+    ce = sum(-math.log(slow_softmax(s[i].tolist())[targets[i]]) for i in range(masked)) / masked
+    w = None if strategy.projection is None else strategy.projection.weight.detach()
+    cos = slow_cosine_loss(student.hidden[layers_s], teacher.hidden[layers_t], w, MASK)
+    assert float(parts["kd_loss"]) == pytest.approx(kl, rel=1e-5)
+    assert float(parts["cos_loss"]) == pytest.approx(cos, rel=1e-5)
+    assert float(loss) == pytest.approx(alpha_ce * tau * tau * kl + alpha_mlm * ce + alpha_cos * cos, rel=1e-5)
+
+
+def test_distilbert_weight_zero_drops_its_term_and_what_it_needs():
+    s_shape, t_shape = ModelShape(2, 16, 2, 32), ModelShape(4, 24, 2, 48)
+    no_cos = build_strategy("distilbert", s_shape, t_shape, {"alpha_cos": 0})
+    assert no_cos.projection is None and no_cos.extra_flops(3, 8) == (0.0, 0.0)
+    assert no_cos.teacher_needs().hidden_layers == () and no_cos.student_needs().hidden_layers == ()
+    no_ce = build_strategy("distilbert", s_shape, t_shape, {"alpha_ce": 0})
+    assert not no_ce.teacher_needs().masked_logits and no_ce.teacher_needs().upto_layer(4) == 4
+    with pytest.raises(ValueError, match="^strategy_options.alpha_mlm: "):
+        check_pair("distilbert", s_shape, t_shape, {"alpha_mlm": -1})
+    with pytest.raises(ValueError, match="^strategy_options.alpha_ce: "):
+        check_pair("distilbert", s_shape, t_shape, {"alpha_ce": 0, "alpha_mlm": 0, "alpha_cos": 0})

@@ -17,7 +17,7 @@ import importlib
 import inspect
 
 # Registration order is the order of tables and plots.
-STRATEGIES = ("scratch", "vanilla_kd", "tinybert", "minilm")
+STRATEGIES = ("scratch", "vanilla_kd", "tinybert", "minilm", "distilbert")
 
 
 def strategy_class(name: str):
