@@ -1,7 +1,7 @@
 """Sweep results as pandas DataFrames, the paper's tables, figures and a report.
 
 A sweep folder holds `results.parquet` (one row per pretraining trial),
-`study.json` (the evaluation tasks and the preset) and `curves.parquet`
+`study.json` (the study's name, its evaluation tasks and config) and `curves.parquet`
 (per-step training curves). Everything here reads only those files, so a
 finished sweep can be analysed wherever pandas runs.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from raykd.io import atomic_path, atomic_write_text
 from raykd.strategies import STRATEGIES
 
 STRATEGY_ORDER = STRATEGIES  # the registry's order
@@ -462,15 +462,8 @@ def _legend(fig: Figure, axes) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(descriptor)
-    try:
-        fig.savefig(temporary, format="png", dpi=FIGURE_DPI)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, format="png", dpi=FIGURE_DPI)
     return path
 
 
@@ -498,7 +491,7 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
         figures["MLM validation loss against budget spent"] = plot_mlm_curves(
             load_curves(sweep_dir), df, figures_dir)
     report = out / "report.md"
-    _write_text(report, _report_text(sweep_dir, df, figures, report.parent, has_curves))
+    atomic_write_text(report, _report_text(sweep_dir, df, figures, report.parent, has_curves))
     return report
 
 
@@ -512,13 +505,13 @@ def linked_figures(report: str | os.PathLike) -> list[Path]:
 def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], report_dir: Path,
                  has_curves: bool) -> str:
     tasks = task_columns(df)
-    preset = (_study(sweep_dir) or {}).get("preset")
+    study_name = (_study(sweep_dir) or {}).get("name")  # the config's name, which sweep.py writes
     seeds = sorted(df["seed"].unique())
     lines = [
         f"# raykd report: {df['sweep'].iloc[0]}",
         "",
         f"Source: `{(sweep_dir / 'results.parquet').resolve()}`"
-        + (f", preset `{preset}`" if preset else "") + ".",
+        + (f", study `{study_name}`" if study_name else "") + ".",
         f"{len(df)} trials; strategies {', '.join(_strategies(df['strategy']))}; "
         f"budgets {', '.join(_budget_label(b, u) for u, b in sorted(set(zip(df['budget_unit'], df['budget']))))}; "
         f"repetitions {', '.join(f'{r:g}' for r in sorted(df['repetition'].unique()))}; "
@@ -551,13 +544,3 @@ def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], re
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

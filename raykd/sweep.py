@@ -30,6 +30,7 @@ from raykd.data.masking import mask_batch
 from raykd.data.shards import load_meta
 from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
+from raykd.io import atomic_path, atomic_write_text
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
 
@@ -193,12 +194,7 @@ class RowWriter(tune.Callback):
 
 def write_row(out: Path, row: dict) -> None:
     """Atomically write one trial's row."""
-    folder = out / TRIALS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{row['trial_id']}.json"
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(row, default=float))
-    os.replace(staging, path)
+    atomic_write_text(out / TRIALS_DIR / f"{row['trial_id']}.json", json.dumps(row, default=float))
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -223,9 +219,8 @@ def collect_results(out: Path) -> pd.DataFrame:
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(staging, index=False)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        frame.to_parquet(staging, index=False)
 
 
 def check_output(out: Path, resume: bool) -> None:
@@ -235,20 +230,47 @@ def check_output(out: Path, resume: bool) -> None:
                                  f"or choose another --out")
 
 
-def start_ray(config: StudyConfig) -> None:
+# What every Ray worker gets unless --verbose: no per-batch Ray Data progress bars or INFO lines
+# ("Estimated parquet encoding ratio"), no transformers "Loading weights" bars.
+QUIET_WORKERS = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def start_ray(config: StudyConfig, verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray with the preset's logical CPUs."""
     if ray.is_initialized():
         return
+    env_vars = {} if verbose else QUIET_WORKERS
     if "RAY_ADDRESS" in os.environ:
-        ray.init()
+        ray.init(runtime_env={"env_vars": env_vars})
     else:
         ray.init(num_cpus=config.sweep.ray_cpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": "raykd.logs.quiet_placement_group_cleaner"})
+                 runtime_env={"worker_process_setup_hook": "raykd.logs.quiet_placement_group_cleaner",
+                              "env_vars": env_vars})
+
+
+def progress_table(**parameters: str) -> tune.CLIReporter:
+    """Tune's live table: one row per trial, naming its cell and where its pretraining stands.
+
+    `parameters` adds config columns (flattened key: header), e.g. the sampled LR of a search.
+    """
+    # Tune's newer output engine infers its columns (it would print each whole cell dict);
+    # only the classic reporter takes chosen columns, so select it unless the user chose.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return tune.CLIReporter(
+        parameter_columns={"cell/strategy": "strategy", "cell/budget": "budget", "cell/repetition": "rep",
+                           "cell/seed": "seed", **parameters},
+        metric_columns={"step": "step", "budget_fraction": "budget used", "loss": "loss",
+                        "mlm_val_loss": "MLM val", "glue_score": "GLUE"},
+        max_report_frequency=15)
 
 
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
-              cache_dir: str | Path | None = None) -> pd.DataFrame:
-    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet)."""
+              cache_dir: str | Path | None = None, verbose: bool = False) -> pd.DataFrame:
+    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet).
+
+    verbose: keep Ray Data's and transformers' progress bars and logs in the workers' output.
+    """
     out = Path(out).resolve()
     check_output(out, resume)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -258,7 +280,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
-    start_ray(config)
+    start_ray(config, verbose)
     out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config.to_dict(), str(out))
     (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
@@ -279,7 +301,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
             param_space={"cell": tune.grid_search(todo), "study": study},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"grid-{key}-{int(time.time())}", storage_path=storage_path,
-                                      callbacks=[RowWriter(out)], verbose=1),
+                                      callbacks=[RowWriter(out)], progress_reporter=progress_table(), verbose=1),
         )
         tuner.fit()
     results = collect_results(out)
@@ -371,7 +393,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
                                         search_alg=OptunaSearch(seed=cell["seed"]), scheduler=scheduler,
                                         max_concurrent_trials=config.sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"tune-lr-{cell['trial_id']}-{int(time.time())}", storage_path=storage_path,
-                                      verbose=1),
+                                      progress_reporter=progress_table(lr="lr"), verbose=1),
         )
         results = tuner.fit()
         best = results.get_best_result(metric="val_loss", mode="min", scope="last")
@@ -381,9 +403,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
             "best_lr": lr, "best_val_loss": float(best.metrics["val_loss"]),
             "trials": [{"lr": float(r.config["lr"]), "val_loss": float(r.metrics.get("val_loss", math.nan)),
                         "budget_fraction": float(r.metrics.get("budget_fraction", math.nan))} for r in results]}
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(json.dumps(tuned, indent=1))
-        os.replace(staging, path)  # each finished search is kept even if a later one fails
+        atomic_write_text(path, json.dumps(tuned, indent=1))  # each finished search is kept even if a later one fails
     return tuned
 
 
