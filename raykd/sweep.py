@@ -164,7 +164,10 @@ def pretrain_and_evaluate(trial_config: dict) -> None:
            "kd_loss": summary["kd_loss"], **scores["scores"], "glue_score": scores["glue_score"],
            "checkpoint": summary["checkpoint"], "wall_seconds": time.time() - started,
            "curve": json.dumps(summary["curve"])}
-    tune.report({"glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+    last = summary["curve"][-1]  # keeps the pretraining columns of the live table filled after the trial
+    tune.report({"step": row["steps"], "budget_fraction": last["budget_fraction"], "loss": last.get("loss", math.nan),
+                 "mlm_val_loss": row["mlm_val_loss"], "glue_score": row["glue_score"],
+                 "row_json": json.dumps(row, default=float)})
 
 
 def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
