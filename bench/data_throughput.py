@@ -25,7 +25,7 @@ import torch
 from raykd.config import load_config
 from raykd.data.stream import PretrainStream
 from raykd.models import build_masked_lm
-from raykd.strategies import Scratch
+from raykd.strategies.scratch import Scratch
 from raykd.train import StudentStep, make_optimizer, prepare_batch
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

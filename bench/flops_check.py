@@ -42,7 +42,7 @@ def main():
     ratios = {}
     print(f"preset {args.preset}: student {student_shape}, teacher {teacher_shape}, batch {tuple(batch['input_ids'].shape)}, {masked} masked")
     for name in config.strategies:
-        strategy = build_strategy(name, student_shape, teacher_shape, config.strategy_options.options())
+        strategy = build_strategy(name, student_shape, teacher_shape, config.strategy_options)
         step = StudentStep(student, strategy)
         needs = strategy.teacher_needs()
         client = ColocatedTeacher(LocalTeacher(teacher, needs)) if needs else None

@@ -56,7 +56,7 @@ from raykd.data.shards import load_meta, prepare_corpus, shard_paths  # noqa: E4
 from raykd.flops import step_flops  # noqa: E402
 from raykd.models import build_masked_lm  # noqa: E402
 from raykd.ray_train import TrialSpec, run_pretraining  # noqa: E402
-from raykd.strategies import StrategyOptions, build_strategy  # noqa: E402
+from raykd.strategies import build_strategy  # noqa: E402
 from raykd.train import StudentStep, make_optimizer, pretrain  # noqa: E402
 
 THREADS = 2
@@ -162,7 +162,7 @@ def hf_trainer_step_times(batches: list[dict], config: BertConfig, lr: float, st
 def loop_step_times(batches: list[dict], shape, vocab_size: int, seq_len: int, lr: float, steps: int) -> list[float]:
     """(c') raykd's own single-process loop (`raykd.train.pretrain`) for scratch."""
     student = build_masked_lm(shape, vocab_size, seq_len, seed=SEED)
-    strategy = build_strategy("scratch", shape, None, StrategyOptions())
+    strategy = build_strategy("scratch", shape, None, {})
     step_module = StudentStep(student, strategy).train()
     optimizer = make_optimizer(step_module, lr, BETAS, EPS, WEIGHT_DECAY)
     sequences, length = batches[0]["input_ids"].shape
@@ -276,8 +276,8 @@ def measure(args, work: Path, preset, started: float) -> dict:
 
     median = {k: statistics.median(v) for k, v in {**samples, **ray_samples}.items()}
     rate = {k: 1.0 / v for k, v in median.items()}
-    scratch = build_strategy("scratch", shape, teacher_shape, preset.strategy_options.options())
-    kd = build_strategy("vanilla_kd", shape, teacher_shape, preset.strategy_options.options())
+    scratch = build_strategy("scratch", shape, teacher_shape, preset.strategy_options)
+    kd = build_strategy("vanilla_kd", shape, teacher_shape, preset.strategy_options)
     flop_ratio = (step_flops(kd, shape, teacher_shape, vocab, batch_size, seq_len, masked).total
                   / step_flops(scratch, shape, teacher_shape, vocab, batch_size, seq_len, masked).total)
 

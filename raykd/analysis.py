@@ -1,7 +1,7 @@
 """Sweep results as pandas DataFrames, the paper's tables, figures and a report.
 
 A sweep folder holds `results.parquet` (one row per pretraining trial),
-`study.json` (the evaluation tasks and the preset) and `curves.parquet`
+`study.json` (the study's name, its evaluation tasks and config) and `curves.parquet`
 (per-step training curves). Everything here reads only those files, so a
 finished sweep can be analysed wherever pandas runs.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,14 @@ import pyarrow.parquet as pq
 import scipy.stats
 from matplotlib.figure import Figure
 
-STRATEGY_ORDER = ("scratch", "vanilla_kd", "tinybert", "minilm")
-STRATEGY_COLOURS = {
-    "scratch": "tab:gray",
-    "vanilla_kd": "tab:blue",
-    "tinybert": "tab:orange",
-    "minilm": "tab:green",
-}
+from raykd.io import atomic_path, atomic_write_text
+from raykd.strategies import STRATEGIES
+
+STRATEGY_ORDER = STRATEGIES  # the registry's order
+# One colour per registered strategy, in registry order (scratch grey, the KD strategies after it).
+PALETTE = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan")
+STRATEGY_COLOURS = dict(zip(STRATEGY_ORDER, PALETTE))
 # Reference rows of every study (SPEC §6), shown apart from the grid's strategies.
 CONTROLS = ("random_init", "teacher")
 CONTROL_COLOURS = {"random_init": "black", "teacher": "tab:purple"}
@@ -556,15 +556,8 @@ def _legend(fig: Figure, axes) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(descriptor)
-    try:
-        fig.savefig(temporary, format="png", dpi=FIGURE_DPI)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, format="png", dpi=FIGURE_DPI)
     return path
 
 
@@ -592,7 +585,7 @@ def write_report(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = N
         figures["MLM validation loss against budget spent"] = plot_mlm_curves(
             load_curves(sweep_dir), df, figures_dir)
     report = out / "report.md"
-    _write_text(report, _report_text(sweep_dir, df, figures, report.parent, has_curves))
+    atomic_write_text(report, _report_text(sweep_dir, df, figures, report.parent, has_curves))
     return report
 
 
@@ -612,7 +605,8 @@ def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], re
     lines = [
         f"# raykd report: {df['sweep'].iloc[0]}",
         "",
-        f"Source: `{(sweep_dir / 'results.parquet').resolve()}`.",
+        f"Source: `{(sweep_dir / 'results.parquet').resolve()}`"
+        + (f", study `{study['name']}`" if study.get("name") else "") + ".",
         f"{len(grid)} pretraining trials; strategies {', '.join(_strategies(grid['strategy']))}; "
         f"budgets {', '.join(_budget_label(b, u) for u, b in sorted(set(zip(grid['budget_unit'], grid['budget']))))}; "
         f"repetitions {', '.join(f'{r:g}' for r in sorted(grid['repetition'].unique()))}; "
@@ -672,13 +666,3 @@ def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], re
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

@@ -2,8 +2,8 @@
 
 Counts the matrix products a step really runs (as `FlopCounterMode` does):
 the encoder's projections and FFN, attention scores and values, the LM head
-at the positions actually computed, TinyBERT's projection heads and MiniLM's
-relation products. Student training = 3 × its forward (forward + backward of
+at the positions actually computed, and whatever each strategy's loss adds
+(`Strategy.extra_flops`: projection heads, relation products). Student training = 3 × its forward (forward + backward of
 both operands); the teacher = 1 × its forward up to the highest layer used.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raykd.models import ForwardNeeds, ModelShape
-from raykd.strategies import MiniLM, Strategy, TinyBERT
+from raykd.strategies.base import Strategy
 
 
 def forward_flops(shape: ModelShape, vocab_size: int, needs: ForwardNeeds, sequences: int, length: int,
@@ -50,12 +50,7 @@ def step_flops(strategy: Strategy, student: ModelShape, teacher: ModelShape | No
     needs = strategy.teacher_needs()
     if needs is not None:
         teacher_fwd = forward_flops(teacher, vocab_size, needs, sequences, length, masked)
-    tokens = sequences * length
-    if isinstance(strategy, TinyBERT):
-        projected = (1 + len(strategy.layer_map)) if strategy.hidden_projection is not None else 0
-        student_fwd += projected * tokens * 2 * student.hidden * teacher.hidden
-    if isinstance(strategy, MiniLM):
-        # Q-Q, K-K and V-V relation products on each side; the teacher's need no backward.
-        student_fwd += 3 * sequences * 2 * length * length * student.hidden
-        teacher_fwd += 3 * sequences * 2 * length * length * teacher.hidden
+    extra_student, extra_teacher = strategy.extra_flops(sequences, length)
+    student_fwd += extra_student
+    teacher_fwd += extra_teacher
     return StepFlops(student=3.0 * student_fwd, teacher=teacher_fwd)

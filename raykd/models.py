@@ -25,10 +25,6 @@ class ModelShape:
     heads: int
     intermediate: int
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
 
 def bert_config(shape: ModelShape, vocab_size: int, max_positions: int, dropout: float = 0.1) -> BertConfig:
     """A post-LN BERT config; scratch and KD students share it exactly."""
@@ -55,12 +51,6 @@ def build_masked_lm(shape: ModelShape, vocab_size: int, max_positions: int, seed
         torch.manual_seed(seed)
         model = BertForMaskedLM(bert_config(shape, vocab_size, max_positions, dropout))
     return model
-
-
-def shape_of(model: BertForMaskedLM) -> ModelShape:
-    """The `ModelShape` of a loaded model."""
-    c = model.config
-    return ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size)
 
 
 @dataclass(frozen=True)

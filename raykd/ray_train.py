@@ -34,7 +34,7 @@ from transformers import AutoModelForMaskedLM
 from raykd.budget import BudgetMeter, Ledger
 from raykd.data.stream import PretrainStream, validation_batches
 from raykd.models import ModelShape, build_masked_lm
-from raykd.strategies import StrategyOptions, build_strategy
+from raykd.strategies import build_strategy, needs_teacher
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
 from raykd.train import StudentStep, make_optimizer, pretrain, validation_losses
 
@@ -89,7 +89,7 @@ class TrialSpec:
         return ModelShape(**self.teacher_shape) if self.teacher_shape else None
 
     def uses_teacher(self) -> bool:
-        return self.strategy != "scratch"
+        return needs_teacher(self.strategy)
 
     def actor_count(self) -> int:
         return self.teacher_actors if self.uses_teacher() and self.teacher_placement == "actor" else 0
@@ -101,8 +101,7 @@ class TrialSpec:
 
 def _build(spec: TrialSpec):
     student_shape, teacher_shape = spec.student_shape(), spec.teacher_model_shape()
-    options = StrategyOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.strategy_options.items()})
-    strategy = build_strategy(spec.strategy, student_shape, teacher_shape, options)
+    strategy = build_strategy(spec.strategy, student_shape, teacher_shape, spec.strategy_options)
     # Same seed, same initial student for every strategy in a grid cell.
     student = build_masked_lm(student_shape, spec.vocab_size, spec.seq_len, seed=spec.seed, dropout=spec.dropout)
     return student, strategy

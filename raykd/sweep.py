@@ -31,7 +31,8 @@ from raykd.data.masking import mask_batch
 from raykd.data.shards import load_meta, unigram_entropy
 from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
-from raykd.strategies import build_strategy
+from raykd.io import atomic_path, atomic_write_text
+from raykd.strategies import build_strategy, needs_teacher
 from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks,
                           teacher_record)
 
@@ -70,7 +71,7 @@ def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
     elif config.budget_unit == "flops":
         shape = config.student.model_shape()
         masked = global_batch * masked_per_sequence(seq_len, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
-        charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options.options()), shape, None,
+        charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options), shape, None,
                             meta["vocab_size"], global_batch, seq_len, masked).total
         steps = int(budget // charge)
     else:
@@ -139,7 +140,7 @@ def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_
         vocab_size=meta["vocab_size"], seq_len=meta["seq_len"], teacher_dir=teacher_dir,
         teacher_shape=asdict(teacher.shape), teacher_placement=teacher.placement, teacher_actors=teacher.actors,
         teacher_actor_cpus=teacher.actor_cpus, teacher_actor_gpus=teacher.actor_gpus, teacher_dtype=teacher.dtype,
-        strategy_options=asdict(config.strategy_options), workers=train.workers,
+        strategy_options=dict(config.strategy_options), workers=train.workers,
         cpus_per_worker=train.cpus_per_worker, gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads,
         per_worker_batch=train.per_worker_batch, mask_prob=config.data.mask_prob, betas=tuple(train.betas),
         eps=train.eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, dropout=train.dropout,
@@ -164,7 +165,17 @@ def pretrain_and_evaluate(trial_config: dict) -> None:
            "lr": cell["lr"], "lr_source": cell["lr_source"], **scores["scores"], "glue_score": scores["glue_score"],
            "checkpoint": summary["checkpoint"] if cell["strategy"] != "random_init" else "",
            "wall_seconds": time.time() - started, "curve": json.dumps(summary.get("curve", []))}
-    tune.report({"glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+    last = (summary.get("curve") or [{}])[-1]  # keeps the pretraining columns of the live table filled
+    tune.report({"step": row["steps"], "budget_fraction": last.get("budget_fraction", math.nan),
+                 "loss": last.get("loss", math.nan), "mlm_val_loss": row["mlm_val_loss"],
+                 "glue_score": row["glue_score"], "row_json": json.dumps(row, default=float)})
+
+
+def uses_teacher(strategy: str) -> bool:
+    """Whether a grid cell needs the teacher: a strategy that distils, or the `teacher` control."""
+    if strategy in CONTROLS:
+        return strategy == "teacher"
+    return needs_teacher(strategy)
 
 
 def pretrain(cell: dict, study: dict) -> dict:
@@ -187,7 +198,6 @@ def control_summary(cell: dict, study: dict, folder: Path) -> dict:
 
     from raykd.data.stream import validation_batches
     from raykd.models import ModelShape, build_masked_lm
-    from raykd.strategies import Scratch
     from raykd.train import StudentStep, validation_losses
 
     spec = study["spec"]
@@ -202,7 +212,7 @@ def control_summary(cell: dict, study: dict, folder: Path) -> dict:
         model = AutoModelForMaskedLM.from_pretrained(checkpoint)
     batches = validation_batches(spec["meta_path"], spec["per_worker_batch"], cell["seed"],
                                  max_examples=spec["validation_examples"], mask_prob=spec["mask_prob"])
-    losses = validation_losses(StudentStep(model, Scratch()), batches)
+    losses = validation_losses(StudentStep(model, build_strategy("scratch", None, None, {})), batches)
     return {"flops": 0.0, "teacher_flops": 0.0, "tokens": 0, "device_seconds": 0.0, "unique_tokens": 0,
             "epochs": 0.0, "steps": 0, **ledger, "mlm_val_loss": losses["mlm_val_loss"], "kd_loss": math.nan,
             "checkpoint": checkpoint}
@@ -228,7 +238,7 @@ def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
     """
     cell, spec = trial_config["cell"], trial_config["study"]["spec"]
     bundles = [{"CPU": trial_config["study"]["trial_cpus"]}]
-    if cell["strategy"] not in ("scratch", *CONTROLS) and spec["teacher_placement"] == "actor":
+    if uses_teacher(cell["strategy"]) and cell["strategy"] not in CONTROLS and spec["teacher_placement"] == "actor":
         actor = {"CPU": spec["teacher_actor_cpus"], **({"GPU": spec["teacher_actor_gpus"]} if spec["teacher_actor_gpus"] else {})}
         bundles += [actor] * spec["teacher_actors"]
     return tune.PlacementGroupFactory(bundles)
@@ -248,12 +258,7 @@ class RowWriter(tune.Callback):
 
 def write_row(out: Path, row: dict) -> None:
     """Atomically write one trial's row."""
-    folder = out / TRIALS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{row['trial_id']}.json"
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(row, default=float))
-    os.replace(staging, path)
+    atomic_write_text(out / TRIALS_DIR / f"{row['trial_id']}.json", json.dumps(row, default=float))
 
 
 def finished_rows(out: Path) -> list[dict]:
@@ -278,9 +283,8 @@ def collect_results(out: Path) -> pd.DataFrame:
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(staging, index=False)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        frame.to_parquet(staging, index=False)
 
 
 def check_output(out: Path, resume: bool) -> None:
@@ -290,20 +294,47 @@ def check_output(out: Path, resume: bool) -> None:
                                  f"or choose another --out")
 
 
-def start_ray(config: StudyConfig) -> None:
+# What every Ray worker gets unless --verbose: no per-batch Ray Data progress bars or INFO lines
+# ("Estimated parquet encoding ratio"), no transformers "Loading weights" bars.
+QUIET_WORKERS = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def start_ray(config: StudyConfig, verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray with the preset's logical CPUs."""
     if ray.is_initialized():
         return
+    env_vars = {} if verbose else QUIET_WORKERS
     if "RAY_ADDRESS" in os.environ:
-        ray.init()
+        ray.init(runtime_env={"env_vars": env_vars})
     else:
         ray.init(num_cpus=config.sweep.ray_cpus, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": "raykd.logs.quiet_placement_group_cleaner"})
+                 runtime_env={"worker_process_setup_hook": "raykd.logs.quiet_placement_group_cleaner",
+                              "env_vars": env_vars})
+
+
+def progress_table(**parameters: str) -> tune.CLIReporter:
+    """Tune's live table: one row per trial, naming its cell and where its pretraining stands.
+
+    `parameters` adds config columns (flattened key: header), e.g. the sampled LR of a search.
+    """
+    # Tune's newer output engine infers its columns (it would print each whole cell dict);
+    # only the classic reporter takes chosen columns, so select it unless the user chose.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return tune.CLIReporter(
+        parameter_columns={"cell/strategy": "strategy", "cell/budget": "budget", "cell/repetition": "rep",
+                           "cell/seed": "seed", **parameters},
+        metric_columns={"step": "step", "budget_fraction": "budget used", "loss": "loss",
+                        "mlm_val_loss": "MLM val", "glue_score": "GLUE"},
+        max_report_frequency=15)
 
 
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
-              cache_dir: str | Path | None = None) -> pd.DataFrame:
-    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet)."""
+              cache_dir: str | Path | None = None, verbose: bool = False) -> pd.DataFrame:
+    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet).
+
+    verbose: keep Ray Data's and transformers' progress bars and logs in the workers' output.
+    """
     out = Path(out).resolve()
     check_output(out, resume)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -313,7 +344,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     cells = plan_cells(config, meta) + control_cells(config)  # pool sizes checked before any training
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
-    start_ray(config)
+    start_ray(config, verbose)
     out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config.to_dict(), str(out))
     study_record = {"name": config.name, "tasks": config.eval.tasks, "key": key, "config": config.to_dict(),
@@ -323,8 +354,8 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
-        needs_teacher = any(cell["strategy"] not in ("scratch", "random_init") for cell in todo)
-        teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+        teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
+                       if any(uses_teacher(cell["strategy"]) for cell in todo) else None)
         for cell in todo:
             if cell["strategy"] not in CONTROLS:
                 cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
@@ -338,7 +369,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
             param_space={"cell": tune.grid_search(todo), "study": study},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"grid-{key}-{int(time.time())}", storage_path=storage_path,
-                                      callbacks=[RowWriter(out)], verbose=1),
+                                      callbacks=[RowWriter(out)], progress_reporter=progress_table(), verbose=1),
         )
         tuner.fit()
     results = collect_results(out)
@@ -352,9 +383,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
 
 
 def _write_study(out: Path, record: dict) -> None:
-    staging = out / f".{STUDY_FILE}.tmp"
-    staging.write_text(json.dumps(record, indent=1))
-    os.replace(staging, out / STUDY_FILE)
+    atomic_write_text(out / STUDY_FILE, json.dumps(record, indent=1))
 
 
 def teacher_ledger(config: StudyConfig, teacher_dir: str | None) -> dict:
@@ -391,7 +420,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     cell = plan_cells(config, meta)[0]
     start_ray(config)
     storage_path = storage or str(cache / "runs")
-    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if cell["strategy"] != "scratch" else None
+    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher(cell["strategy"]) else None
     from raykd.ray_train import TrialSpec, run_pretraining
 
     spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
@@ -402,7 +431,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     masked = global_batch * masked_per_sequence(meta["seq_len"], config.data.mask_prob, meta["special_ids"],
                                                 meta["vocab_size"])
     shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
-    strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options.options())
+    strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options)
     charge = step_flops(strategy, shape, teacher_shape, meta["vocab_size"], global_batch, meta["seq_len"], masked).total
     return summary, charge if config.budget_unit == "flops" else float(global_batch * meta["seq_len"])
 
@@ -443,8 +472,8 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     start_ray(config)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     out.mkdir(parents=True, exist_ok=True)
-    needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
-    teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
+    teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
+                   if any(needs_teacher(cell["strategy"]) for cell in cells) else None)
     key = config_hash(config.to_dict(), str(out), "tune")
     study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path, "key": key,
              "trial_cpus": config.sweep.trial_cpus, "budget_fraction": config.tune.budget_fraction}
@@ -460,7 +489,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
                                         search_alg=OptunaSearch(seed=cell["seed"]), scheduler=scheduler,
                                         max_concurrent_trials=config.sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"tune-lr-{cell['trial_id']}-{int(time.time())}", storage_path=storage_path,
-                                      verbose=1),
+                                      progress_reporter=progress_table(lr="lr"), verbose=1),
         )
         results = tuner.fit()
         best = results.get_best_result(metric="val_loss", mode="min", scope="last")
@@ -470,9 +499,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
             "best_lr": lr, "best_val_loss": float(best.metrics["val_loss"]),
             "trials": [{"lr": float(r.config["lr"]), "val_loss": float(r.metrics.get("val_loss", math.nan)),
                         "budget_fraction": float(r.metrics.get("budget_fraction", math.nan))} for r in results]}
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(json.dumps(tuned, indent=1))
-        os.replace(staging, path)  # each finished search is kept even if a later one fails
+        atomic_write_text(path, json.dumps(tuned, indent=1))  # each finished search is kept even if a later one fails
     return tuned
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from raykd.budget import BudgetMeter, StepCharge, lr_at
 from raykd.flops import step_flops
 from raykd.models import Captured, ForwardNeeds, ModelShape, encode
-from raykd.strategies import Strategy, mlm_loss
+from raykd.strategies.base import Strategy, mlm_loss
 from raykd.teacher import Teacher
 
 
@@ -42,15 +42,13 @@ def prepare_batch(batch: dict) -> dict:
 
 
 def make_optimizer(module: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
-                   weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW as in the paper; no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+                   weight_decay: float = 0.01, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW (defaults: the paper's pretraining); every matrix is weight-decayed, biases and
+    LayerNorm weights (the 1-D parameters) are not. Used for pretraining and fine-tuning."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 @dataclass

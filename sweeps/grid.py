@@ -28,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--storage", help="Ray Train/Tune storage: a local path or s3://... (default: OUT/ray)")
     parser.add_argument("--cache-dir", help="where corpus, tasks and teachers are cached (default: $RAYKD_CACHE or ~/.cache/raykd)")
     parser.add_argument("--resume", action="store_true", help="complete the study in OUT; finished trials are kept")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep Ray Data's and transformers' progress bars and logs (off by default)")
     parser.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. train.lr=5e-4")
     return parser.parse_args(argv)
 
@@ -40,7 +42,8 @@ def main(argv=None) -> int:
     try:
         config = load_config(args.preset, args.config, args.overrides)
         out = Path(args.out or f"runs/{args.preset}")
-        results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir)
+        results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir,
+                            verbose=args.verbose)
     except (ConfigError, FileNotFoundError) as error:
         print(f"grid.py: error: {error}", file=sys.stderr)
         return 2

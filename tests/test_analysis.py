@@ -98,7 +98,7 @@ def make_sweep(folder: Path, strategies=tuple(COST), budgets=(2e12, 8e12), repet
     pd.DataFrame(results).to_parquet(folder / "results.parquet")
     pd.DataFrame(curves).to_parquet(folder / "curves.parquet")
     (folder / "study.json").write_text(json.dumps({
-        "tasks": TASKS, "chance": {"syn_cola": 0.0, "syn_topic": 12.5, "syn_para": 58.3, "syn_nli": 50.0, "syn_sts": 0.0},
+        "tasks": TASKS, "name": "test", "chance": {"syn_cola": 0.0, "syn_topic": 12.5, "syn_para": 58.3, "syn_nli": 50.0, "syn_sts": 0.0},
         "references": {"unigram_entropy": 4.321, "teacher_mlm_val_loss": 2.468}}))
     return folder
 
@@ -189,6 +189,8 @@ def check_report(sweep_dir: Path, out: Path | None = None) -> Path:
     report = write_report(sweep_dir, out)
     assert report == (out or sweep_dir) / "report.md" and report.is_file()
     text = report.read_text()
+    study = json.loads((sweep_dir / "study.json").read_text()) if (sweep_dir / "study.json").is_file() else {}
+    assert ("study `" in text) == ("name" in study)
     figures = linked_figures(report)
     names = {figure.name for figure in figures}
     expected = {"glue_vs_budget.png", "kd_gain.png", "tokens_and_passes.png"}

@@ -16,7 +16,7 @@ def test_file_and_overrides_apply_in_order(tmp_path):
     config = load_config("smoke", path, ["budgets=[2e10, 3e10]", "train.lr=1e-3", "strategy_options.alpha=0.25"])
     assert config.budgets == [2e10, 3e10]
     assert config.teacher.placement == "colocated"
-    assert config.train.lr == 1e-3 and config.strategy_options.alpha == 0.25
+    assert config.train.lr == 1e-3 and config.strategy_options["alpha"] == 0.25
     assert config.student.hidden == 64  # untouched preset value
 
 
@@ -40,6 +40,8 @@ def test_file_and_overrides_apply_in_order(tmp_path):
     (["teacher.pretrain_threads=0"], "teacher.pretrain_threads"),
     (["strategy_options.alpha=1.5"], "strategy_options.alpha"),
     (["strategy_options.temperature=0"], "strategy_options.temperature"),
+    (["strategy_options.relaton_heads=2"], "strategy_options.relaton_heads"),
+    (["strategy_options.relation_heads=two"], "strategy_options.relation_heads"),
     (["data.source=web"], "data.source"),
     (["data.source=files", "data.data_files=[/no/such/corpus.txt]"], "data.data_files"),
     (["data.source=hub"], "data.dataset_name"),

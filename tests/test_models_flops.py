@@ -6,7 +6,7 @@ from transformers import AutoModelForMaskedLM
 
 from raykd.flops import forward_flops, step_flops
 from raykd.models import ForwardNeeds, ModelShape, build_masked_lm, encode
-from raykd.strategies import StrategyOptions, build_strategy
+from raykd.strategies import STRATEGIES, build_strategy
 from raykd.teacher import ColocatedTeacher, LocalTeacher
 from raykd.train import StudentStep, prepare_batch
 
@@ -84,17 +84,17 @@ def counted_step_flops(name, student_shape, teacher_shape, options, batch):
     return counter.get_total_flops(), analytic
 
 
-@pytest.mark.parametrize("name", ["scratch", "vanilla_kd", "tinybert", "minilm"])
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("teacher_shape", [TEACHER, ModelShape(4, 32, 2, 64)], ids=["wider", "same-width"])
 def test_analytic_flops_agree_with_the_counter(name, teacher_shape):
-    counted, analytic = counted_step_flops(name, STUDENT, teacher_shape, StrategyOptions(relation_heads=4), random_batch(pad_tail=3))
+    counted, analytic = counted_step_flops(name, STUDENT, teacher_shape, {"relation_heads": 4}, random_batch(pad_tail=3))
     assert analytic.total == pytest.approx(counted, rel=0.05)
     if name == "scratch":
         assert analytic.teacher == 0
 
 
 def test_minilm_teacher_below_the_top_is_charged_only_up_to_its_layer():
-    options_top, options_mid = StrategyOptions(relation_heads=4), StrategyOptions(relation_heads=4, teacher_layer=2)
+    options_top, options_mid = {"relation_heads": 4}, {"relation_heads": 4, "teacher_layer": 2}
     counted_mid, analytic_mid = counted_step_flops("minilm", STUDENT, TEACHER, options_mid, random_batch())
     _, analytic_top = counted_step_flops("minilm", STUDENT, TEACHER, options_top, random_batch())
     assert analytic_mid.total == pytest.approx(counted_mid, rel=0.05)

@@ -17,7 +17,7 @@ from raykd.flops import step_flops
 from raykd.models import ModelShape, build_masked_lm
 from raykd.ray_train import TrialSpec, run_pretraining
 from raykd.stages import ensure_teacher, prepare_data
-from raykd.strategies import StrategyOptions, build_strategy
+from raykd.strategies import build_strategy
 from raykd.sweep import masked_per_sequence
 
 STUDENT = ModelShape(2, 32, 2, 64)
@@ -37,19 +37,18 @@ def corpus(raykd_cache, tmp_path_factory):
 
 def spec_for(corpus, strategy, steps=12, **changes):
     meta_path, meta, teacher_dir = corpus
-    options = StrategyOptions(relation_heads=2)
     step = step_charge(strategy, meta, workers=changes.get("workers", 2)).total
     return TrialSpec(strategy=strategy, budget=step * (steps + 0.5), budget_unit="flops", meta_path=str(meta_path),
                      unique_examples=40, seed=0, student=asdict(STUDENT), vocab_size=meta["vocab_size"],
                      seq_len=meta["seq_len"], peak_lr=1e-3, teacher_dir=teacher_dir, teacher_shape=asdict(TEACHER),
-                     teacher_actor_cpus=0.5, strategy_options=asdict(options) | {"layer_map": None},
+                     teacher_actor_cpus=0.5, strategy_options={"relation_heads": 2},
                      per_worker_batch=BATCH, checkpoint_every=3, eval_points=2, validation_examples=16,
                      audit_examples=True, **{"workers": 2, "cpus_per_worker": 0.5, **changes})
 
 
 def step_charge(strategy, meta, workers):
     masked = workers * BATCH * masked_per_sequence(meta["seq_len"], 0.15, meta["special_ids"], meta["vocab_size"])
-    built = build_strategy(strategy, STUDENT, TEACHER, StrategyOptions(relation_heads=2))
+    built = build_strategy(strategy, STUDENT, TEACHER, {"relation_heads": 2})
     return step_flops(built, STUDENT, TEACHER, meta["vocab_size"], workers * BATCH, meta["seq_len"], masked)
 
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykd.data.synthetic import SyntheticLanguage
+from raykd.io import atomic_path
 
 SOURCES = ("synthetic", "files", "datasets")
 VALIDATION_DOCUMENT_OFFSET = 10 ** 12
@@ -46,14 +47,12 @@ def write_synthetic_corpus(out_dir: str | Path, seed: int, num_documents: int,
     for split, start, count in (("train", 0, num_documents),
                                 ("validation", VALIDATION_DOCUMENT_OFFSET, validation_documents)):
         path = out_dir / f"synthetic-{split}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         schema = pa.schema([("text", pa.string())])
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with atomic_path(path) as staging, pq.ParquetWriter(staging, schema) as writer:
             texts = synthetic_texts(seed, start, count)
             for lo in range(0, count, _WRITE_BATCH):
                 batch = [next(texts) for _ in range(min(_WRITE_BATCH, count - lo))]
                 writer.write_table(pa.table({"text": batch}, schema=schema))
-        os.replace(tmp, path)
         paths[split] = path
     return paths
 

@@ -15,7 +15,6 @@ example_id runs from 0, contiguous within a split, in shard order.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,18 +27,13 @@ import pyarrow.parquet as pq
 from raykd.data.corpus import VALIDATION_DOCUMENT_OFFSET, check_source, load_corpus
 from raykd.data.synthetic import SyntheticLanguage
 from raykd.data.tokenizer import SPECIAL_NAMES, load_tokenizer, special_ids, train_wordpiece
+from raykd.io import atomic_path, atomic_write_text
 
 META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "validation")
 SHARD_SCHEMA = pa.schema([("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32()))])
 _ENCODE_BATCH = 1000
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -99,9 +93,8 @@ def write_split(chunks: Iterable[np.ndarray], out_dir: Path, split: str, example
         nonlocal next_id
         rel = f"{split}/shard-{len(shards):05d}.parquet"
         path = out_dir / rel
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(_shard_table(rows, next_id), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as staging:
+            pq.write_table(_shard_table(rows, next_id), staging)
         shards.append({"path": rel, "num_examples": int(rows.shape[0]), "first_example_id": next_id})
         next_id += int(rows.shape[0])
 
@@ -188,7 +181,7 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
                              "shards": info["shards"]}
     meta = {"seq_len": seq_len, "vocab_size": len(tok), "special_ids": ids, "tokenizer": TOKENIZER_DIR,
             "corpus": _describe(params), "params": params, "splits": splits}
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta_path
 
 
@@ -204,10 +197,12 @@ def _describe(params: dict) -> dict:
             "num_documents": params["num_documents"], "validation_documents": params["validation_documents"]}
 
 
-def load_meta(path_or_dir: str | Path) -> dict:
-    """Read and validate a prepared corpus's meta.json: every listed shard must
-    exist and be a readable Parquet file with the shard schema and the recorded
-    row count. Adds "root" (the directory, absolute). Errors name the file."""
+def read_meta(path_or_dir: str | Path) -> tuple[Path, dict]:
+    """Read a prepared corpus's meta.json (given its folder or the file): (the file, its fields).
+
+    Checks only that the file exists, parses and has the top-level fields;
+    errors name the file. `load_meta` also checks every shard.
+    """
     path = Path(path_or_dir)
     if path.is_dir() or not path.suffix:
         path = path / META_FILE
@@ -217,10 +212,18 @@ def load_meta(path_or_dir: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt corpus metadata {path}: {e}") from e
-    root = path.parent.resolve()
     for key in ("seq_len", "vocab_size", "special_ids", "tokenizer", "splits"):
         if key not in meta:
             raise ValueError(f"{path} lacks the field {key!r}")
+    return path, meta
+
+
+def load_meta(path_or_dir: str | Path) -> dict:
+    """Read and validate a prepared corpus's meta.json: every listed shard must
+    exist and be a readable Parquet file with the shard schema and the recorded
+    row count. Adds "root" (the directory, absolute). Errors name the file."""
+    path, meta = read_meta(path_or_dir)
+    root = path.parent.resolve()
     if set(meta["special_ids"]) != set(SPECIAL_NAMES):
         raise ValueError(f"{path}: special_ids must have exactly {SPECIAL_NAMES}")
     if not (root / meta["tokenizer"]).is_dir():

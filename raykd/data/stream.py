@@ -17,7 +17,6 @@ its position in the window, masked (seeded by (seed, pass, example id), see
 `masking`); the worker puts the window's rows in order by that position and
 batches them, while the next window is read in the background.
 """
-import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import ray.data
 import torch
 
 from raykd.data.masking import mask_batch
+from raykd.data.shards import read_meta
 
 # Seed-sequence tags keep the pool and the pass orders independent draws of one seed.
 _POOL_TAG = 0
@@ -61,23 +61,6 @@ def unique_examples_from_tokens(unique_tokens: float, seq_len: int) -> int:
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive; got {seq_len!r}")
     return max(1, int(unique_tokens // seq_len))
-
-
-def load_meta(meta_path) -> tuple[Path, dict]:
-    """Read a shard directory's meta.json (given the directory or the file); return (root, meta)."""
-    path = Path(meta_path)
-    if path.suffix != ".json":
-        path = path / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"shard metadata not found: {path}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"shard metadata is not valid JSON: {path}: {error}") from None
-    for field in ("seq_len", "vocab_size", "special_ids", "splits"):
-        if field not in meta:
-            raise ValueError(f"shard metadata {path} lacks the field '{field}'")
-    return path.parent, meta
 
 
 def check_shards(root: Path, meta: dict, split: str) -> list[dict]:
@@ -233,7 +216,8 @@ class PretrainStream:
         max_passes: int | None = None,
         window_examples: int | None = None,
     ):
-        self.root, meta = load_meta(meta_path)
+        meta_file, meta = read_meta(meta_path)
+        self.root = meta_file.parent
         self.shards = check_shards(self.root, meta, "train")
         num_examples = meta["splits"]["train"]["num_examples"]
         if unique_examples < 1:
@@ -432,7 +416,8 @@ def validation_batches(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None; got {max_examples}")
-    root, meta = load_meta(meta_path)
+    meta_file, meta = read_meta(meta_path)
+    root = meta_file.parent
     tables = []
     for shard in check_shards(root, meta, "validation"):
         try:

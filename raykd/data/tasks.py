@@ -23,13 +23,13 @@ of its premise.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from raykd.data.synthetic import (
     DETERMINERS, PREPOSITIONS, Clause, NounPhrase, PrepPhrase, Relative, Sentence, SyntheticLanguage)
+from raykd.io import atomic_write_text
 
 TASK_DOCUMENT_OFFSET = 2 * 10 ** 12  # pretraining uses ids below 10**12, its validation 10**12..
 DOCUMENTS_PER_SPLIT = 10 ** 9
@@ -418,11 +418,7 @@ def generate_task(lang: SyntheticLanguage, task: str, split: str, size: int) -> 
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def write_tasks(out_dir: str | Path, seed: int, train_size: int, validation_size: int,

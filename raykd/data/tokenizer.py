@@ -8,13 +8,14 @@ whitespace-and-punctuation pre-tokenizer, WordPiece with "##" continuations,
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
+
+from raykd.io import atomic_path
 
 # Fixed ids: the masking and packing code relies on [PAD]=0 .. [MASK]=4 for trained tokenizers.
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -41,11 +42,9 @@ def train_wordpiece(batches: Iterable[list[str]], vocab_size: int, out_dir: str 
         raise RuntimeError(f"special tokens did not get ids 0-4: {[vocab.get(t) for t in SPECIAL_TOKENS]}")
     hf = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=model_max_length)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as staging:
+        hf.save_pretrained(staging)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a folder replaces only a missing or empty one
     return load_tokenizer(out_dir)
 
 
