@@ -351,8 +351,8 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    start_ray(config)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
+    start_ray(config)
     out.mkdir(parents=True, exist_ok=True)
     needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
     teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
