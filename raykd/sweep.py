@@ -32,21 +32,25 @@ from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
 from raykd.strategies import build_strategy
 from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
+from raykd.study_folder import (atomic_write, check_binding, durable_replace, finished_rows, hold, record_study,
+                                staging_path, write_row)
 
-TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
-STUDY_FILE = "study.json"
 TUNED_LR_FILE = "tuned_lr.json"
 
 
-def budget_key(budget: float) -> str:
-    """How a budget names itself in trial ids and the tuned-LR file."""
-    return f"{budget:g}"
+def number_key(value: float) -> str:
+    """A number as it names itself in trial ids and the tuned-LR file: short (`3e+10`) where that
+    reads back as the same float, exact otherwise (3.0000001e10 and 3.0000002e10 never collide)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
 
 
 def trial_id(strategy: str, budget: float, repetition: float, seed: int) -> str:
-    return f"{strategy}-b{budget_key(budget)}-r{repetition:g}-s{seed}"
+    """The grid cell's name; distinct cells (distinct axis values) get distinct ids."""
+    return f"{strategy}-b{number_key(budget)}-r{number_key(repetition)}-s{seed}"
 
 
 def masked_per_sequence(seq_len: int, mask_prob: float, special_ids: dict, vocab_size: int) -> int:
@@ -101,7 +105,7 @@ def plan_cells(config: StudyConfig, meta: dict) -> list[dict]:
 
 
 def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
-    """Tuned peak LRs {strategy: {budget_key: lr}} and the file they came from (None: config's)."""
+    """Tuned peak LRs {strategy: {number_key(budget): lr}} and the file they came from (None: config's)."""
     path = Path(config.train.lr_file) if config.train.lr_file else out / TUNED_LR_FILE
     if not path.is_file():
         return {}, None
@@ -113,7 +117,7 @@ def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
 
 
 def lr_for(cell: dict, tuned: dict, source: str | None, default: float) -> tuple[float, str]:
-    lr = tuned.get(cell["strategy"], {}).get(budget_key(cell["budget"]))
+    lr = tuned.get(cell["strategy"], {}).get(number_key(cell["budget"]))
     if lr is None:
         return default, "config:train.lr"
     return float(lr), f"tuned:{source}"
@@ -191,21 +195,6 @@ class RowWriter(tune.Callback):
             collect_results(self.out)
 
 
-def write_row(out: Path, row: dict) -> None:
-    """Atomically write one trial's row."""
-    folder = out / TRIALS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{row['trial_id']}.json"
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(row, default=float))
-    os.replace(staging, path)
-
-
-def finished_rows(out: Path) -> list[dict]:
-    folder = out / TRIALS_DIR
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
 def collect_results(out: Path) -> pd.DataFrame:
     """Rebuild results.parquet and curves.parquet from the finished trials' rows (atomic writes)."""
     rows = finished_rows(out)
@@ -223,16 +212,9 @@ def collect_results(out: Path) -> pd.DataFrame:
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
+    staging = staging_path(path)
     frame.to_parquet(staging, index=False)
-    os.replace(staging, path)
-
-
-def check_output(out: Path, resume: bool) -> None:
-    """Refuse to mix a new study into a folder holding another's results, unless resuming."""
-    if finished_rows(out) and not resume:
-        raise ConfigError("out", f"{out} already holds finished trials; pass --resume to complete that study "
-                                 f"or choose another --out")
+    durable_replace(staging, path)
 
 
 def start_ray(config: StudyConfig) -> None:
@@ -248,9 +230,18 @@ def start_ray(config: StudyConfig) -> None:
 
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
               cache_dir: str | Path | None = None) -> pd.DataFrame:
-    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet)."""
+    """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet).
+
+    The folder is held by this driver throughout and bound to `config` (study.json)."""
     out = Path(out).resolve()
-    check_output(out, resume)
+    check_binding(out, config, resume)
+    with hold(out, "grid.py"):
+        check_binding(out, config, resume)  # again, now that no other driver can write it
+        return _run_study(config, out, storage, resume, cache_dir)
+
+
+def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool,
+               cache_dir: str | Path | None) -> pd.DataFrame:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
@@ -259,10 +250,8 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config)
-    out.mkdir(parents=True, exist_ok=True)
     key = config_hash(config.to_dict(), str(out))
-    (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
-                                              "config": config.to_dict()}, indent=1))
+    record_study(out, config, key)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
@@ -347,13 +336,17 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     from ray.tune.search.optuna import OptunaSearch
 
     out = Path(out).resolve()
+    with hold(out, "tune_lr.py"):
+        return _tune_learning_rates(config, out, storage, cache_dir)
+
+
+def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, cache_dir: str | Path | None) -> dict:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     start_ray(config)
-    out.mkdir(parents=True, exist_ok=True)
     needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
     teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
     key = config_hash(config.to_dict(), str(out), "tune")
@@ -376,14 +369,12 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
         results = tuner.fit()
         best = results.get_best_result(metric="val_loss", mode="min", scope="last")
         lr = float(best.config["lr"])
-        tuned["lr"].setdefault(cell["strategy"], {})[budget_key(cell["budget"])] = lr
+        tuned["lr"].setdefault(cell["strategy"], {})[number_key(cell["budget"])] = lr
         tuned["searches"][cell["trial_id"]] = {
             "best_lr": lr, "best_val_loss": float(best.metrics["val_loss"]),
             "trials": [{"lr": float(r.config["lr"]), "val_loss": float(r.metrics.get("val_loss", math.nan)),
                         "budget_fraction": float(r.metrics.get("budget_fraction", math.nan))} for r in results]}
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(json.dumps(tuned, indent=1))
-        os.replace(staging, path)  # each finished search is kept even if a later one fails
+        atomic_write(path, json.dumps(tuned, indent=1))  # each finished search is kept even if a later one fails
     return tuned
 
 

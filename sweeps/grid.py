@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
 from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
+from raykd.study_folder import check_binding, hold  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,21 +36,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
         config = load_config(args.preset, args.config, args.overrides)
-        out = Path(args.out or f"runs/{args.preset}")
+        out = Path(args.out or f"runs/{args.preset}").resolve()
         check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
         check_reachable(config)
-    except ConfigError as error:
-        print(f"grid.py: error: {error}", file=sys.stderr)
-        return 2
-    from raykd.sweep import run_study, summary_table
+        check_binding(out, config, args.resume)
+        with hold(out, "grid.py"):
+            from raykd.sweep import run_study, summary_table
 
-    try:
-        results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir)
+            results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir)
     except (ConfigError, FileNotFoundError) as error:
         print(f"grid.py: error: {error}", file=sys.stderr)
         return 2
     print(f"\n{summary_table(results)}\n")
-    print(f"results: {out.resolve() / 'results.parquet'} ({len(results)} trials)")
+    print(f"results: {out / 'results.parquet'} ({len(results)} trials)")
     return 0
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from raykd.config import load_config
+from raykd.study_folder import hold, record_study, write_row
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Runs `script` (a file, or -m module) with argv and writes the heavy modules it imported to `report`.
@@ -42,7 +45,7 @@ SCRIPTS = {"grid": "sweeps/grid.py", "tune": "sweeps/tune_lr.py", "pretrain": "s
            "report": "analysis.report"}
 PREFIX = {"grid": "grid.py", "tune": "tune_lr.py", "pretrain": "pretrain.py", "report": "report"}
 
-# (id, script, arguments, what the message must name). In arguments, {files} is the
+# (id, script, arguments, what the message must name: one string or several). In arguments, {files} is the
 # folder of prepared bad files (see `bad_files`).
 PROBES = [
     ("yaml-unclosed-list", "grid", ["budgets=[1e12"], "budgets"),
@@ -109,6 +112,13 @@ PROBES = [
     ("pretrain-repetition-0", "pretrain", ["--repetition", "0"], "repetitions"),
     ("pretrain-workers-0", "pretrain", ["train.workers=0"], "train.workers"),
     ("pretrain-cache-dir-uncreatable", "pretrain", ["--cache-dir", "/dev/null/x"], "--cache-dir"),
+    ("resume-other-lr", "grid", ["--out", "{files}/study", "--resume", "train.lr=1e-4"], ("--resume", "train.lr")),
+    ("resume-other-width-and-lr", "grid", ["--out", "{files}/study", "--resume", "student.hidden=128", "train.lr=1e-4"],
+     ("--resume", "student.hidden", "train.lr")),
+    ("new-study-over-finished-rows", "grid", ["--out", "{files}/study"], ("--out", "--resume")),
+    ("resume-unreadable-study-record", "grid", ["--out", "{files}/broken-study", "--resume"], "study.json"),
+    ("second-driver", "grid", ["--out", "{files}/locked"], ("--out", "in use by another driver")),
+    ("second-tuner", "tune", ["--out", "{files}/locked"], ("--out", "in use by another driver")),
     ("report-out-uncreatable", "report", ["{files}", "--out", "/dev/null/x"], "--out"),
     ("report-out-is-a-file", "report", ["{files}", "--out", "{files}/a-file"], "--out"),
     ("report-missing-folder", "report", ["{files}/absent-sweep"], "absent-sweep"),
@@ -131,6 +141,12 @@ def bad_files(tmp_path_factory):
     BertConfig(vocab_size=1000, max_position_embeddings=512, **smoke_teacher).save_pretrained(
         files / "small-vocab-teacher")
     BertConfig(vocab_size=4096, max_position_embeddings=32, **smoke_teacher).save_pretrained(files / "short-teacher")
+    study = files / "study"  # a smoke study with one finished row
+    study.mkdir()
+    record_study(study, load_config("smoke"), key="probe")
+    write_row(study, {"trial_id": "scratch-b3e+10-r2-s0", "strategy": "scratch"})
+    (files / "broken-study").mkdir()
+    (files / "broken-study" / "study.json").write_text("")
     return files
 
 
@@ -158,7 +174,7 @@ def _run_probe(probe, files: Path, scratch: Path) -> dict:
 @pytest.fixture(scope="module")
 def probe_runs(bad_files, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("probes")
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with hold(bad_files / "locked", "the test"), ThreadPoolExecutor(max_workers=4) as pool:
         runs = pool.map(lambda probe: _run_probe(probe, bad_files, scratch), PROBES)
         return dict(zip([p[0] for p in PROBES], runs))
 
@@ -173,7 +189,9 @@ def test_bad_input_exits_2_naming_it_before_ray_or_corpus(probe, probe_runs):
     lines = run.stderr.strip().splitlines()
     assert "Traceback" not in run.stderr, where
     assert len(lines) == 1 or (script != "report" and lines[0].startswith("usage:")), where  # argparse adds usage
-    assert lines[-1].startswith(f"{PREFIX[script]}: error: ") and named in lines[-1], where
+    assert lines[-1].startswith(f"{PREFIX[script]}: error: "), where
+    for part in (named,) if isinstance(named, str) else named:
+        assert part in lines[-1], where
     assert result["imported"] == [], f"{name} imported {result['imported']} before refusing the input"
     assert not any((tmp / "ray").glob("session_*")), f"{name} started a Ray session"
     assert not any((tmp / "cache").glob("data-*")), f"{name} built a corpus"
