@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-# Token authentication writes ~/.ray/auth_token on a local init; tests run without it.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication stays on: a local init writes ~/.ray/auth_token, and the
+# sweep scripts the tests start join the session's Ray (RAY_ADDRESS) with that token.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
