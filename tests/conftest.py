@@ -82,4 +82,4 @@ def smoke_study(ray_local, raykd_cache, tmp_path_factory):
     resumed = subprocess.run(sweep_command("grid.py", *common, "--resume"), env=env, capture_output=True,
                              text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache}
+    return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache, "env": env}

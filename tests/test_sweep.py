@@ -71,6 +71,33 @@ def test_resume_completes_the_study_and_keeps_finished_trials(smoke_study, resul
     assert set(curves.trial_id) == set(results.trial_id)
 
 
+# Columns that measure time or name a place; everything else is a number the seed fixes.
+TIME_AND_PATH_COLUMNS = ["device_seconds", "wall_seconds", "checkpoint", "lr_source"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_study(smoke_study, tmp_path_factory):
+    """The same smoke study (same tuned LRs, same cache), run once without interruption."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copy(smoke_study["out"] / "tuned_lr.json", out / "tuned_lr.json")
+    run = subprocess.run(sweep_command("grid.py", "--preset", "smoke", "--out", str(out),
+                                       "--cache-dir", str(smoke_study["cache"])),
+                         env=smoke_study["env"], capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+def test_a_killed_and_resumed_study_equals_an_uninterrupted_one(smoke_study, uninterrupted_study):
+    resumed = pd.read_parquet(smoke_study["out"] / "results.parquet").sort_values("trial_id", ignore_index=True)
+    clean = pd.read_parquet(uninterrupted_study / "results.parquet").sort_values("trial_id", ignore_index=True)
+    assert list(resumed.columns) == list(clean.columns) and len(resumed) == 4
+    assert resumed.lr_source.str.startswith("tuned:").sum() == clean.lr_source.str.startswith("tuned:").sum() > 0
+    compared = [column for column in clean.columns if column not in TIME_AND_PATH_COLUMNS]
+    pd.testing.assert_frame_equal(resumed[compared], clean[compared], check_exact=True)
+
+
 def test_the_teacher_was_pretrained_once(smoke_study):
     teachers = list(smoke_study["cache"].glob("teacher-*/teacher.json"))
     assert len(teachers) == 1
