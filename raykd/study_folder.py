@@ -44,12 +44,17 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def bound_fields(config: StudyConfig) -> dict:
+    """The dotted fields a study folder is bound to: all but the scheduling ones."""
+    flat = flatten(json.loads(json.dumps(config.to_dict())))
+    return {key: value for key, value in flat.items() if not key.startswith(UNBOUND_PREFIXES)}
+
+
 def config_differences(recorded: dict, config: StudyConfig) -> list[str]:
     """The dotted fields whose value differs between a recorded config and `config` (scheduling fields aside)."""
-    now = flatten(json.loads(json.dumps(config.to_dict())))
-    before = flatten(recorded)
-    return sorted(key for key in set(now) | set(before)
-                  if not key.startswith(UNBOUND_PREFIXES) and now.get(key) != before.get(key))
+    now = bound_fields(config)
+    before = {key: value for key, value in flatten(recorded).items() if not key.startswith(UNBOUND_PREFIXES)}
+    return sorted(key for key in set(now) | set(before) if now.get(key) != before.get(key))
 
 
 def check_binding(out: Path, config: StudyConfig, resume: bool) -> None:

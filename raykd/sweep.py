@@ -32,8 +32,8 @@ from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
 from raykd.strategies import build_strategy
 from raykd.stages import config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks
-from raykd.study_folder import (atomic_write, check_binding, durable_replace, finished_rows, hold, record_study,
-                                staging_path, write_row)
+from raykd.study_folder import (atomic_write, bound_fields, check_binding, durable_replace, finished_rows, hold,
+                                record_study, staging_path, write_row)
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
@@ -250,7 +250,7 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config)
-    key = config_hash(config.to_dict(), str(out))
+    key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
     record_study(out, config, key)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]

@@ -4,7 +4,8 @@ import os
 import pytest
 
 # Ray's token authentication stays on: a local init writes ~/.ray/auth_token, and the
-# sweep scripts the tests start join the session's Ray (RAY_ADDRESS) with that token.
+# sweep scripts the tests start join the session's Ray (RAY_ADDRESS) with that token
+# (see sweep_env).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,6 +46,9 @@ def sweep_env(ray):
     """Environment for a sweep script: join the session's Ray instead of starting another."""
     env = dict(os.environ)
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # A process joining a cluster does not learn its auth mode: it must say "token" (and
+    # finds the token in ~/.ray/auth_token), as a user joining a token cluster does.
+    env["RAY_AUTH_MODE"] = "token"
     return env
 
 
