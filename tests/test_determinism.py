@@ -87,8 +87,9 @@ def step_losses(summary: dict) -> list[tuple]:
 def two_worker_runs(ray_local, corpus, tmp_path_factory):  # noqa: F811
     """Every strategy twice on Ray Train with 2 DDP workers (4 steps each), run one after the other."""
     storage = str(tmp_path_factory.mktemp("storage"))
-    return {(strategy, attempt): run_pretraining(spec_for(corpus, strategy, steps=4, checkpoint_every=100,
-                                                          audit_examples=False), storage, f"det-{strategy}-{attempt}")
+    specs = {strategy: replace(spec_for(corpus, strategy, steps=4), checkpoint_every=100, audit_examples=False)
+             for strategy in STRATEGIES}
+    return {(strategy, attempt): run_pretraining(specs[strategy], storage, f"det-{strategy}-{attempt}")
             for strategy in STRATEGIES for attempt in (1, 2)}
 
 
@@ -102,7 +103,7 @@ def test_two_workers_twice_give_bit_identical_weights_and_losses(two_worker_runs
 
 
 def test_a_trial_killed_mid_run_resumes_bit_identical(ray_local, corpus, tmp_path):  # noqa: F811
-    spec = replace(spec_for(corpus, "tinybert", steps=12, workers=1, audit_examples=False),
+    spec = replace(spec_for(corpus, "tinybert", steps=12, workers=1), audit_examples=False,
                    teacher_placement="colocated")
     clean = run_pretraining(spec, str(tmp_path), "clean")
     resumed, killed = run_and_kill(spec, str(tmp_path), "killed", "RayTrainWorker")
