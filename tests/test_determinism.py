@@ -103,13 +103,15 @@ def test_two_workers_twice_give_bit_identical_weights_and_losses(two_worker_runs
 
 
 def test_a_trial_killed_mid_run_resumes_bit_identical(ray_local, corpus, tmp_path):  # noqa: F811
-    spec = replace(spec_for(corpus, "tinybert", steps=12, workers=1), audit_examples=False,
-                   teacher_placement="colocated")
+    # 60 steps, a checkpoint every 5: a tiny model's steps take milliseconds, its reports far
+    # longer, so the kill (sent at the first checkpoint) lands while many reports remain.
+    spec = replace(spec_for(corpus, "tinybert", steps=60, workers=1), audit_examples=False,
+                   teacher_placement="colocated", checkpoint_every=5)
     clean = run_pretraining(spec, str(tmp_path), "clean")
     resumed, killed = run_and_kill(spec, str(tmp_path), "killed", "RayTrainWorker")
     assert killed, "no training worker was found to kill"
     assert clean["restored_from"] == [] and len(resumed["restored_from"]) == 1
-    assert 0 < resumed["restored_from"][0] < resumed["steps"] == clean["steps"] == 12, resumed["restored_from"]
+    assert 0 < resumed["restored_from"][0] < resumed["steps"] == clean["steps"] == 60, resumed["restored_from"]
     assert step_losses(resumed) == step_losses(clean)
     assert resumed["mlm_val_loss"] == clean["mlm_val_loss"]
     assert_identical(final_weights(resumed), final_weights(clean))
