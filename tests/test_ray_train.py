@@ -92,13 +92,21 @@ def test_two_workers_and_a_teacher_actor_charge_the_global_step(kd_runs, corpus,
 
 
 def checkpointed_steps(run_dir: Path) -> int:
-    """The step of the newest checkpoint a trial has written so far."""
-    steps = [json.loads(state.read_text())["ledger"]["steps"] for state in run_dir.glob("checkpoint_*/state.json")]
-    return max(steps, default=0)
+    """The step of the newest checkpoint Ray Train has registered for a trial (0: none yet).
+
+    Registered, not merely written: a checkpoint whose files are uploaded but whose report
+    the controller has not recorded is not restored after a failure (the trial restarts
+    from step 0), so a kill must wait for the registration to test recovery."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return max((int(result["metrics"]["steps"]) for result in results), default=0)
 
 
 def run_and_kill(spec, storage, name, class_name):
-    """Run a trial; after its first checkpoint, SIGKILL one live actor of `class_name`.
+    """Run a trial; once its first checkpoint is registered, SIGKILL one live actor of `class_name`.
 
     Returns the summary and the kills as (pid, step of the newest checkpoint when the kill was sent)."""
     killed = []
@@ -106,7 +114,7 @@ def run_and_kill(spec, storage, name, class_name):
     def killer():
         run_dir = Path(storage) / name
         deadline = time.time() + 300
-        while time.time() < deadline and not any(run_dir.glob("checkpoint_*/state.json")):
+        while time.time() < deadline and not checkpointed_steps(run_dir):
             time.sleep(0.1)
         # The GCS's actor table (the state API would need the dashboard, which tests don't start).
         for actor in ray._private.state.actors().values():
