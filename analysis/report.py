@@ -16,6 +16,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raykd.analysis import linked_figures, write_report  # noqa: E402
+from raykd.config import ConfigError, check_locations  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for report.md and figures/ (default: the sweep folder)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        print(f"report: error: no such sweep folder: {args.sweep_dir}", file=sys.stderr)
+        print(f"report: error: {args.sweep_dir}: no such sweep folder", file=sys.stderr)
+        return 2
+    try:
+        check_locations(out=args.out)
+    except ConfigError as error:
+        print(f"report: error: {error}", file=sys.stderr)
         return 2
     try:
         report = write_report(args.sweep_dir, args.out)

@@ -91,7 +91,6 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.preset)
     seq_len, batch = config.data.seq_len, config.train.per_worker_batch
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     stream_rates, train_rates = [], []
     with tempfile.TemporaryDirectory() as work:

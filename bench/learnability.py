@@ -11,7 +11,6 @@ masked tokens, the loss of a model that ignores context. Both must be clearly
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -34,7 +33,6 @@ def main() -> int:
     if not args.scale > 0:
         print(f"learnability.py: error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from raykd.data.shards import load_meta, unigram_entropy
     from raykd.stages import default_cache_dir, prepare_data
     from raykd.sweep import pretrain_cell

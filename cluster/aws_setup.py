@@ -7,15 +7,18 @@ results to S3. This script creates both, idempotently:
 
 - security group ``raykd-cluster``: SSH from one CIDR, all traffic between its members,
   nothing else (so the dashboard 8265, GCS 6379 and client port 10001 stay cluster-internal);
-- instance profile ``raykd-head``: what Ray's default head role has (EC2 full access) plus
-  read/write on the results bucket and permission to pass ``raykd-worker`` to the workers
-  it launches;
+- instance profile ``raykd-head``: the EC2 calls Ray's autoscaler makes (``HEAD_AUTOSCALER_ACTIONS``,
+  not Ray's default ``AmazonEC2FullAccess``), read/write on the results bucket, and permission
+  to pass ``raykd-worker``, and only that role, to EC2 for the workers it launches;
 - instance profile ``raykd-worker``: read/write on the results bucket, nothing else.
 
 Usage (run again whenever your IP changes; it replaces the SSH rule):
 
     python cluster/aws_setup.py --region us-east-2 --ssh-cidr 203.0.113.7/32 \
         --bucket my-raykd-results
+
+The SSH source must be one host or a narrow network (IPv4 /16 or narrower, IPv6 /48 or
+narrower); anything wider needs ``--allow-wide-ssh``.
 
 It prints the security group id to paste into cluster/aws.yaml.
 """
@@ -29,8 +32,27 @@ import boto3
 SECURITY_GROUP_NAME = "raykd-cluster"
 HEAD_PROFILE = "raykd-head"
 WORKER_PROFILE = "raykd-worker"
-# The managed policy with which Ray's default head role launches workers.
+# What Ray's default head role carries; replaced by HEAD_AUTOSCALER_ACTIONS (and detached on rerun).
 EC2_FULL_ACCESS = "arn:aws:iam::aws:policy/AmazonEC2FullAccess"
+# The EC2 calls the head's autoscaler makes, read from Ray's AWS node provider
+# (ray/autoscaler/_private/aws/node_provider.py, Ray 2.60): instances.filter and
+# wait_until_stopped -> DescribeInstances; describe_instance_types; describe_images;
+# create_instances -> RunInstances (tags given at launch need CreateTags); create_tags;
+# start_instances / stop_instances (reusing stopped nodes, cache_stopped_nodes);
+# terminate_instances. Key pair, security group, subnets and profiles are resolved by
+# `ray up` on the user's machine (bootstrap_aws), not by the head.
+HEAD_AUTOSCALER_ACTIONS = (
+    "ec2:CreateTags",
+    "ec2:DescribeImages",
+    "ec2:DescribeInstanceTypes",
+    "ec2:DescribeInstances",
+    "ec2:RunInstances",
+    "ec2:StartInstances",
+    "ec2:StopInstances",
+    "ec2:TerminateInstances",
+)
+# Narrowest SSH sources refused without --allow-wide-ssh: wider than these prefixes.
+NARROWEST_WIDE_PREFIX = {4: 16, 6: 48}
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
     "Statement": [
@@ -44,8 +66,9 @@ EC2_TRUST_POLICY = {
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
-def ssh_network(ssh_cidr):
-    """Parse ``ssh_cidr``; refuse anything malformed or the whole internet (a /0)."""
+def ssh_network(ssh_cidr, allow_wide=False):
+    """Parse ``ssh_cidr``; refuse anything malformed, and a network wider than IPv4 /16
+    (IPv6 /48) unless ``allow_wide`` (never the whole internet, /0)."""
     try:
         network = ipaddress.ip_network(ssh_cidr, strict=True)
     except ValueError as error:
@@ -54,7 +77,37 @@ def ssh_network(ssh_cidr):
         raise ValueError(
             f"--ssh-cidr {ssh_cidr!r} opens SSH to the whole internet; give your own IP/32"
         )
+    narrowest = NARROWEST_WIDE_PREFIX[network.version]
+    if network.prefixlen < narrowest and not allow_wide:
+        raise ValueError(
+            f"--ssh-cidr {ssh_cidr!r} opens SSH to {network.num_addresses} addresses; give your "
+            f"own IP (/{network.max_prefixlen}) or a network of /{narrowest} or narrower, "
+            f"or pass --allow-wide-ssh"
+        )
     return network
+
+
+def head_launch_policy(worker_role_arn):
+    """IAM policy document for the head: the autoscaler's EC2 calls, and passing the worker
+    role (nothing else) to EC2 (nothing else)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "RayAutoscaler",
+                "Effect": "Allow",
+                "Action": list(HEAD_AUTOSCALER_ACTIONS),
+                "Resource": "*",
+            },
+            {
+                "Sid": "PassWorkerRoleToEC2",
+                "Effect": "Allow",
+                "Action": "iam:PassRole",
+                "Resource": worker_role_arn,
+                "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+            },
+        ],
+    }
 
 
 def results_bucket_policy(bucket):
@@ -120,13 +173,13 @@ def _permission(atom):
     return permission
 
 
-def ensure_security_group(ec2, ssh_cidr, vpc_id=None):
+def ensure_security_group(ec2, ssh_cidr, vpc_id=None, allow_wide_ssh=False):
     """Create or update ``raykd-cluster`` so its ingress is exactly SSH from ``ssh_cidr``
     plus all traffic from its own members; return the group id.
 
     ``ec2`` is a boto3 EC2 client; ``vpc_id`` defaults to the region's default VPC.
     """
-    network = ssh_network(ssh_cidr)
+    network = ssh_network(ssh_cidr, allow_wide_ssh)
     if vpc_id is None:
         vpcs = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"]
         if not vpcs:
@@ -197,19 +250,17 @@ def ensure_instance_profiles(iam, bucket):
     )
 
     _ensure_role_with_profile(iam, HEAD_PROFILE)
-    iam.attach_role_policy(RoleName=HEAD_PROFILE, PolicyArn=EC2_FULL_ACCESS)
+    attached = iam.list_attached_role_policies(RoleName=HEAD_PROFILE)["AttachedPolicies"]
+    if EC2_FULL_ACCESS in [policy["PolicyArn"] for policy in attached]:  # left by an older setup
+        iam.detach_role_policy(RoleName=HEAD_PROFILE, PolicyArn=EC2_FULL_ACCESS)
     iam.put_role_policy(
         RoleName=HEAD_PROFILE, PolicyName="raykd-results", PolicyDocument=bucket_policy
     )
     # EC2 refuses to launch an instance with a role the launcher may not pass.
-    pass_worker_role = {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "iam:PassRole", "Resource": worker_role_arn}],
-    }
     iam.put_role_policy(
         RoleName=HEAD_PROFILE,
         PolicyName="raykd-launch-workers",
-        PolicyDocument=json.dumps(pass_worker_role),
+        PolicyDocument=json.dumps(head_launch_policy(worker_role_arn)),
     )
     return {"head": HEAD_PROFILE, "worker": WORKER_PROFILE}
 
@@ -221,13 +272,15 @@ def main(argv=None):
     parser.add_argument("--ssh-cidr", required=True, help="who may SSH in, e.g. your IP/32")
     parser.add_argument("--bucket", required=True, help="S3 bucket the sweep writes to")
     parser.add_argument("--vpc-id", help="VPC for the security group (default: the default VPC)")
+    parser.add_argument("--allow-wide-ssh", action="store_true",
+                        help="accept an SSH source wider than IPv4 /16 (IPv6 /48)")
     args = parser.parse_args(argv)
 
     # Validate both inputs before touching the account.
-    ssh_network(args.ssh_cidr)
+    ssh_network(args.ssh_cidr, args.allow_wide_ssh)
     results_bucket_policy(args.bucket)
     group_id = ensure_security_group(
-        boto3.client("ec2", region_name=args.region), args.ssh_cidr, args.vpc_id
+        boto3.client("ec2", region_name=args.region), args.ssh_cidr, args.vpc_id, args.allow_wide_ssh
     )
     profiles = ensure_instance_profiles(boto3.client("iam", region_name=args.region), args.bucket)
     print(

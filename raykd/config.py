@@ -8,6 +8,10 @@ any compute is spent. Deeper code takes the few fields it uses.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +20,11 @@ from pathlib import Path
 import yaml
 
 from raykd.budget import UNITS
-from raykd.models import ModelShape
-from raykd.strategies import STRATEGIES, check_options, check_pair
+from raykd.strategies import STRATEGIES  # the registry's names; no strategy module (torch) is imported for them
+from raykd.task_specs import TASKS
 
+# Nothing here imports torch, transformers or Ray (they take 5-20 s to import):
+# the entry scripts validate everything they can before importing them.
 PRESETS_DIR = Path(__file__).parent / "presets"
 PRESETS = ("smoke", "local", "paper")
 PLACEMENTS = ("actor", "colocated")
@@ -43,7 +49,10 @@ class Shape:
     heads: int
     intermediate: int
 
-    def model_shape(self) -> ModelShape:
+    def model_shape(self):
+        """The `raykd.models.ModelShape` of this shape."""
+        from raykd.models import ModelShape
+
         return ModelShape(self.layers, self.hidden, self.heads, self.intermediate)
 
 
@@ -138,7 +147,8 @@ class StudyConfig:
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
     student: Shape = field(default_factory=lambda: Shape(2, 128, 4, 512))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    # Each strategy's own options (raykd/strategies/<name>.py), e.g. temperature, relation_heads.
+    # Options of the strategies' losses by name (temperature, alpha, relation_heads, ...); each strategy
+    # reads the ones its module declares (raykd/strategies/), with its own defaults for the rest.
     strategy_options: dict[str, typing.Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,7 +172,7 @@ def load_config(preset: str = "local", file: str | Path | None = None, overrides
         try:
             extra = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+            raise ConfigError("config", f"{path} is not valid YAML: {_yaml_problem(error)}") from None
         if not isinstance(extra, dict):
             raise ConfigError("config", f"{path} must hold a mapping of fields")
         _merge(raw, extra)
@@ -176,10 +186,20 @@ def load_config(preset: str = "local", file: str | Path | None = None, overrides
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, "is not a group of fields")
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(key, f"cannot read {value!r}: {_yaml_problem(error)}") from None
     config = from_dict(StudyConfig, raw)
     validate(config)
     return config
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def _merge(base: dict, extra: dict) -> None:
@@ -221,7 +241,10 @@ def _coerce(hint, value, name: str):
         if hint is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)  # YAML reads "1e-3" as a string
+            number = float(value)  # YAML reads "1e-3" as a string
+            if not math.isfinite(number):
+                raise ConfigError(name, f"must be a finite number, got {value!r}")
+            return number
         if hint is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -230,94 +253,89 @@ def _coerce(hint, value, name: str):
             if not isinstance(value, str):
                 raise TypeError
             return value
-    except (TypeError, ValueError):
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(name, f"expected {hint.__name__}, got {value!r}") from None
     return value
 
 
 def validate(config: StudyConfig) -> None:
-    """Raise ConfigError naming the first bad field; nothing has been computed yet."""
-    if not config.strategies:
-        raise ConfigError("strategies", "at least one strategy is needed")
-    for name in config.strategies:
-        if name not in STRATEGIES:  # the registry's names: no strategy module is imported for this
-            raise ConfigError("strategies", f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    """Raise ConfigError naming the first bad field; nothing has been computed, nothing heavy imported."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", config.name):
+        raise ConfigError("name", f"must be letters, digits, '_', '.' or '-' (it names folders), got {config.name!r}")
     for unit_field, unit in (("budget_unit", config.budget_unit), ("teacher.budget_unit", config.teacher.budget_unit)):
         if unit not in UNITS:
             raise ConfigError(unit_field, f"unknown budget unit {unit!r}; known: {', '.join(UNITS)}")
-    if not config.budgets:
-        raise ConfigError("budgets", "at least one budget is needed")
-    for budget in config.budgets:
-        if not budget > 0:
-            raise ConfigError("budgets", f"every budget must be positive, got {budget}")
-    if not config.repetitions:
-        raise ConfigError("repetitions", "at least one repetition is needed")
-    for repetition in config.repetitions:
-        if not repetition >= 1:
-            raise ConfigError("repetitions", f"every repetition must be >= 1, got {repetition}")
+    _check_axis("budgets", config.budgets, "positive", lambda v: v > 0)
+    _check_axis("repetitions", config.repetitions, ">= 1", lambda v: v >= 1)
+    _check_axis("seeds", config.seeds, f"in [0, {SEED_LIMIT})", lambda v: 0 <= v < SEED_LIMIT)
     if config.unique_tokens is not None and config.unique_tokens < config.data.seq_len:
         raise ConfigError("unique_tokens", f"must hold at least one sequence ({config.data.seq_len} tokens)")
-    if not config.seeds:
-        raise ConfigError("seeds", "at least one seed is needed")
-    for control in config.controls:
-        if control not in CONTROLS:
-            raise ConfigError("controls", f"unknown control {control!r}; known: {', '.join(CONTROLS)}")
-    if len(set(config.controls)) < len(config.controls):
-        raise ConfigError("controls", f"each control at most once, got {config.controls}")
     _check_shape("student", config.student, config.data.seq_len)
     _check_shape("teacher.shape", config.teacher.shape, config.data.seq_len)
-    teacher = config.teacher
-    if teacher.source == "pretrain" and not teacher.budget > 0:
-        raise ConfigError("teacher.budget", f"must be positive, got {teacher.budget}")
-    if teacher.placement not in PLACEMENTS:
-        raise ConfigError("teacher.placement", f"unknown placement {teacher.placement!r}; known: {', '.join(PLACEMENTS)}")
-    if teacher.dtype not in DTYPES:
-        raise ConfigError("teacher.dtype", f"unknown dtype {teacher.dtype!r}; known: {', '.join(DTYPES)}")
-    if teacher.actors < 1:
-        raise ConfigError("teacher.actors", f"must be >= 1, got {teacher.actors}")
-    if teacher.pretrain_threads is not None and teacher.pretrain_threads < 1:
-        raise ConfigError("teacher.pretrain_threads", f"must be >= 1, got {teacher.pretrain_threads}")
+    _check_axis("strategies", config.strategies, "a known strategy", lambda name: name in STRATEGIES,
+                known=STRATEGIES)
+    _check_axis("controls", config.controls, "a known control", lambda name: name in CONTROLS, known=CONTROLS)
     if not isinstance(config.strategy_options, dict):
         raise ConfigError("strategy_options", "must be a mapping of option names to values")
+    _check_teacher(config)
+    _check_data(config.data)
+    _check_train(config)
+    _check_budgets_pay_for_a_step(config)
+    _check_eval(config.eval)
+    tune = config.tune
+    if tune.trials < 1:
+        raise ConfigError("tune.trials", f"must be >= 1, got {tune.trials}")
+    if not 0 < tune.lr_min < tune.lr_max:
+        raise ConfigError("tune.lr_min", f"needs 0 < lr_min < lr_max, got {tune.lr_min} and {tune.lr_max}")
+    if not 0 < tune.budget_fraction <= 1:
+        raise ConfigError("tune.budget_fraction", f"must be in (0, 1], got {tune.budget_fraction}")
+    if not 1 <= tune.grace_points <= config.train.eval_points:
+        raise ConfigError("tune.grace_points", f"must be in 1..train.eval_points ({config.train.eval_points}), "
+                                               f"got {tune.grace_points}")
+    sweep = config.sweep
+    if sweep.ray_cpus is not None and sweep.ray_cpus < 1:
+        raise ConfigError("sweep.ray_cpus", f"must be >= 1 (or null: the machine's), got {sweep.ray_cpus}")
+    if not sweep.trial_cpus > 0:
+        raise ConfigError("sweep.trial_cpus", f"must be positive (Tune refuses 0), got {sweep.trial_cpus}")
+    if sweep.max_concurrent_trials is not None and sweep.max_concurrent_trials < 1:
+        raise ConfigError("sweep.max_concurrent_trials", f"must be >= 1 (or null: no limit), "
+                                                         f"got {sweep.max_concurrent_trials}")
+    _check_strategy_pairs(config)
+
+
+SEED_LIMIT = 2 ** 32  # numpy and the synthetic language take 32-bit seeds
+
+def _check_strategy_pairs(config: StudyConfig) -> None:
+    """Each strategy's options and its own checks of the student/teacher pair (raykd/strategies/<name>.py).
+
+    Last of the checks: it imports the strategy modules, and with them torch (~2 s), so every other
+    bad input is refused before that.
+    """
+    from raykd.strategies import check_options, check_pair
+
     try:
         check_options(config.strategies, config.strategy_options)
         for name in config.strategies:
-            check_pair(name, config.student.model_shape(), teacher.shape.model_shape(), config.strategy_options)
+            check_pair(name, config.student.model_shape(), config.teacher.shape.model_shape(),
+                       config.strategy_options)
     except ValueError as error:
         field_name, _, message = str(error).partition(": ")
         raise ConfigError(field_name, message) from None
-    data = config.data
-    if data.source not in DATA_SOURCES:
-        raise ConfigError("data.source", f"unknown source {data.source!r}; known: {', '.join(DATA_SOURCES)}")
-    if data.source == "files":
-        if not data.data_files:
-            raise ConfigError("data.data_files", "source 'files' needs at least one file")
-        for path in data.data_files:
-            if not Path(path).is_file():
-                raise ConfigError("data.data_files", f"file not found: {path}")
-    if data.source == "hub" and not data.dataset_name:
-        raise ConfigError("data.dataset_name", "source 'hub' needs a datasets name")
-    if data.seq_len < 8:
-        raise ConfigError("data.seq_len", f"must be at least 8, got {data.seq_len}")
-    if not 0 < data.mask_prob < 1:
-        raise ConfigError("data.mask_prob", f"must be in (0, 1), got {data.mask_prob}")
-    for name in ("per_worker_batch", "workers", "num_threads", "checkpoint_every", "eval_points", "validation_examples"):
-        if getattr(config.train, name) < 1:
-            raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(config.train, name)}")
-    if config.budget_unit == "device_seconds" and config.unique_tokens is None and not (config.train.tokens_per_device_second or 0) > 0:
-        raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs it (or unique_tokens) "
-                                                            "to size the data pool")
-    if not config.sweep.trial_cpus > 0:
-        raise ConfigError("sweep.trial_cpus", f"must be positive (Tune refuses 0), got {config.sweep.trial_cpus}")
-    if not config.train.lr > 0:
-        raise ConfigError("train.lr", f"must be positive, got {config.train.lr}")
-    if config.train.lr_file is not None and not Path(config.train.lr_file).is_file():
-        raise ConfigError("train.lr_file", f"file not found: {config.train.lr_file}")
-    _check_eval(config.eval)
-    if config.tune.trials < 1:
-        raise ConfigError("tune.trials", f"must be >= 1, got {config.tune.trials}")
-    if not 0 < config.tune.lr_min < config.tune.lr_max:
-        raise ConfigError("tune.lr_min", "needs 0 < lr_min < lr_max")
+
+
+def _check_axis(name: str, values: list, rule: str, ok, known: tuple = ()) -> None:
+    """A grid axis: non-empty, every value obeying `rule`, no value twice (two cells would collide)."""
+    if not values:
+        raise ConfigError(name, "needs at least one value")
+    for value in values:
+        if not ok(value):
+            listing = f"; known: {', '.join(known)}" if known else ""
+            raise ConfigError(name, f"every value must be {rule}, got {value!r}{listing}")
+    repeated = sorted({repr(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(name, f"{', '.join(repeated)} given more than once")
 
 
 def _check_shape(name: str, shape: Shape, seq_len: int) -> None:
@@ -328,17 +346,246 @@ def _check_shape(name: str, shape: Shape, seq_len: int) -> None:
         raise ConfigError(f"{name}.heads", f"{shape.heads} heads do not divide the width {shape.hidden}")
 
 
-def _check_eval(evaluation: EvalConfig) -> None:
-    from raykd.evaluation import TASKS  # the task registry
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.exists(source)
 
-    for task in evaluation.tasks:
-        if task not in TASKS:
-            raise ConfigError("eval.tasks", f"unknown task {task!r}; known: {', '.join(sorted(TASKS))}")
+
+def _check_teacher(config: StudyConfig) -> None:
+    """The teacher's own fields; a teacher given as a local folder must fit the student's corpus."""
+    teacher = config.teacher
+    if teacher.source == "pretrain":
+        if not teacher.budget > 0:
+            raise ConfigError("teacher.budget", f"must be positive, got {teacher.budget}")
+        if not teacher.lr > 0:
+            raise ConfigError("teacher.lr", f"must be positive, got {teacher.lr}")
+    elif _looks_like_path(teacher.source):
+        _check_teacher_folder(Path(teacher.source).expanduser(), config)
+    if teacher.placement not in PLACEMENTS:
+        raise ConfigError("teacher.placement", f"unknown placement {teacher.placement!r}; known: {', '.join(PLACEMENTS)}")
+    if teacher.dtype not in DTYPES:
+        raise ConfigError("teacher.dtype", f"unknown dtype {teacher.dtype!r}; known: {', '.join(DTYPES)}")
+    if teacher.actors < 1:
+        raise ConfigError("teacher.actors", f"must be >= 1, got {teacher.actors}")
+    if not teacher.actor_cpus > 0:
+        raise ConfigError("teacher.actor_cpus", f"must be positive, got {teacher.actor_cpus}")
+    if teacher.actor_gpus < 0:
+        raise ConfigError("teacher.actor_gpus", f"must be >= 0, got {teacher.actor_gpus}")
+    if teacher.pretrain_threads is not None and teacher.pretrain_threads < 1:
+        raise ConfigError("teacher.pretrain_threads", f"must be >= 1, got {teacher.pretrain_threads}")
+
+
+def _check_teacher_folder(folder: Path, config: StudyConfig) -> None:
+    """An HF teacher folder, read from its config.json: its shape, vocabulary and positions."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError("teacher.source", f"{folder} is not an HF model folder (no config.json)")
+    try:
+        loaded = json.loads(config_file.read_text())
+        found = tuple(int(loaded[key]) for key in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                                   "intermediate_size", "vocab_size", "max_position_embeddings"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError("teacher.source", f"{config_file} is not a BERT-style config: {error!r}") from None
+    shape = config.teacher.shape
+    expected = (shape.layers, shape.hidden, shape.heads, shape.intermediate)
+    if found[:4] != expected:
+        raise ConfigError("teacher.shape", f"{folder} has (layers, hidden, heads, intermediate) = {found[:4]}, "
+                                           f"the config says {expected}")
+    vocab, positions = found[4:]
+    if config.data.tokenizer is None and vocab < config.data.vocab_size:
+        raise ConfigError("data.vocab_size", f"{config.data.vocab_size} token ids do not fit the teacher {folder}, "
+                                             f"whose vocabulary has {vocab}")
+    if positions < config.data.seq_len:
+        raise ConfigError("data.seq_len", f"{config.data.seq_len} positions do not fit the teacher {folder}, "
+                                          f"which has {positions} (max_position_embeddings)")
+
+
+def _check_data(data: DataConfig) -> None:
+    if data.source not in DATA_SOURCES:
+        raise ConfigError("data.source", f"unknown source {data.source!r}; known: {', '.join(DATA_SOURCES)}")
+    if data.source == "files":
+        if not data.data_files:
+            raise ConfigError("data.data_files", "source 'files' needs at least one file")
+        for path in data.data_files:
+            check_data_file(Path(path), data.text_column)
+    if data.source == "hub":
+        if not data.dataset_name:
+            raise ConfigError("data.dataset_name", "source 'hub' needs a datasets name")
+    if data.tokenizer is not None and _looks_like_path(data.tokenizer) and not Path(data.tokenizer).expanduser().is_dir():
+        raise ConfigError("data.tokenizer", f"folder not found: {data.tokenizer}")
+    if not data.text_column:
+        raise ConfigError("data.text_column", "must name a column")
+    for name in ("num_documents", "validation_documents"):
+        if getattr(data, name) < 1:
+            raise ConfigError(f"data.{name}", f"must be >= 1, got {getattr(data, name)}")
+    if data.seq_len < 8:
+        raise ConfigError("data.seq_len", f"must be at least 8, got {data.seq_len}")
+    if data.vocab_size < 64:
+        raise ConfigError("data.vocab_size", f"must be at least 64 (special tokens and characters), got {data.vocab_size}")
+    if not 0 <= data.seed < SEED_LIMIT:
+        raise ConfigError("data.seed", f"must be in [0, {SEED_LIMIT}), got {data.seed}")
+    if not 0 < data.mask_prob < 1:
+        raise ConfigError("data.mask_prob", f"must be in (0, 1), got {data.mask_prob}")
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def check_data_file(path: Path, text_column: str) -> None:
+    """A corpus file that exists, is not empty, and is what its extension says (named if not)."""
+    field_name = "data.data_files"
+    if any(ch in str(path) for ch in "*?["):
+        import glob
+
+        if not glob.glob(str(path)):
+            raise ConfigError(field_name, f"pattern matches no file: {path}")
+        return
+    if not path.is_file():
+        raise ConfigError(field_name, f"file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".text", ".json", ".jsonl", ".parquet"):
+        raise ConfigError(field_name, f"{path}: unsupported extension {suffix!r}; use .txt, .json, .jsonl or .parquet")
+    if suffix == ".parquet":
+        with open(path, "rb") as stream:
+            head = stream.read(4)
+            stream.seek(max(0, path.stat().st_size - 4))
+            tail = stream.read(4)
+        if head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+            raise ConfigError(field_name, f"{path} is not a Parquet file")
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except Exception as error:  # pyarrow raises several types for a damaged footer
+            raise ConfigError(field_name, f"{path} is a damaged Parquet file: {error}") from None
+        if text_column not in schema.names:
+            raise ConfigError("data.text_column", f"{text_column!r} is not a column of {path}; "
+                                                  f"columns: {', '.join(schema.names)}")
+        return
+    with open(path, "rb") as stream:
+        first = next((line for line in stream if line.strip()), None)
+    if first is None:
+        raise ConfigError(field_name, f"{path} is empty (no non-blank line)")
+    if suffix in (".json", ".jsonl"):
+        try:
+            record = json.loads(first)
+        except ValueError as error:
+            raise ConfigError(field_name, f"{path}: first record is not JSON: {error}") from None
+        if not isinstance(record, dict) or text_column not in record:
+            raise ConfigError("data.text_column", f"{text_column!r} is not a field of the first record of {path}")
+
+
+def check_reachable(config: StudyConfig) -> None:
+    """What lies outside this machine's files: a hub dataset must resolve (from a local folder,
+    the `datasets` cache, or the hub) before anything runs. Separate from `validate`, which
+    never leaves the machine: a preset naming a hub dataset stays loadable offline."""
+    if config.data.source != "hub":
+        return
+    import datasets
+
+    name, config_name = config.data.dataset_name, config.data.dataset_config
+
+    datasets.logging.disable_progress_bar()
+    try:
+        datasets.load_dataset_builder(name, config_name)
+    except Exception as error:  # datasets raises ConnectionError, FileNotFoundError, ValueError ...
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError("data.dataset_name", f"cannot load {name!r}: {message}") from None
+
+
+def _check_train(config: StudyConfig) -> None:
+    train = config.train
+    for name in ("per_worker_batch", "workers", "num_threads", "checkpoint_every", "eval_points", "validation_examples"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(train, name)}")
+    if not train.lr > 0:
+        raise ConfigError("train.lr", f"must be positive, got {train.lr}")
+    if len(train.betas) != 2 or not all(0 <= beta < 1 for beta in train.betas):
+        raise ConfigError("train.betas", f"needs two values in [0, 1), got {train.betas}")
+    if not train.eps > 0:
+        raise ConfigError("train.eps", f"must be positive, got {train.eps}")
+    if train.weight_decay < 0:
+        raise ConfigError("train.weight_decay", f"must be >= 0, got {train.weight_decay}")
+    if train.max_grad_norm < 0:
+        raise ConfigError("train.max_grad_norm", f"must be >= 0 (0: no clipping), got {train.max_grad_norm}")
+    if not 0 <= train.dropout < 1:
+        raise ConfigError("train.dropout", f"must be in [0, 1), got {train.dropout}")
+    if not train.cpus_per_worker > 0:
+        raise ConfigError("train.cpus_per_worker", f"must be positive, got {train.cpus_per_worker}")
+    if train.gpus_per_worker < 0:
+        raise ConfigError("train.gpus_per_worker", f"must be >= 0, got {train.gpus_per_worker}")
+    if train.tokens_per_device_second is not None and not train.tokens_per_device_second > 0:
+        raise ConfigError("train.tokens_per_device_second", f"must be positive, got {train.tokens_per_device_second}")
+    if config.budget_unit == "device_seconds" and config.unique_tokens is None and train.tokens_per_device_second is None:
+        raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs it (or unique_tokens) "
+                                                            "to size the data pool")
+    if train.lr_file is not None and not Path(train.lr_file).is_file():
+        raise ConfigError("train.lr_file", f"file not found: {train.lr_file}")
+
+
+def _check_budgets_pay_for_a_step(config: StudyConfig) -> None:
+    """Refuse a budget below one step before the corpus is built.
+
+    The exact charge needs the corpus (its vocabulary); this uses a lower bound
+    that holds for every strategy: the student encoder's matmuls, forward and
+    backward. raykd.sweep.plan_cells checks the exact charge afterwards.
+    """
+    train, shape = config.train, config.student
+    tokens = train.per_worker_batch * train.workers * config.data.seq_len
+    least = {"tokens": float(tokens),
+             "flops": 3.0 * tokens * 2 * shape.layers * (4 * shape.hidden ** 2 + 2 * shape.hidden * shape.intermediate)
+             }.get(config.budget_unit)
+    if least is None:
+        return
+    for budget in config.budgets:
+        if budget < least:
+            raise ConfigError("budgets", f"{budget!r} {config.budget_unit} does not pay for one training step "
+                                         f"(at least {least:.6g})")
+
+
+def _check_eval(evaluation: EvalConfig) -> None:
+    _check_axis("eval.tasks", evaluation.tasks, "a known task", lambda task: task in TASKS, known=tuple(sorted(TASKS)))
     if evaluation.data_dir is not None and not Path(evaluation.data_dir).is_dir():
         raise ConfigError("eval.data_dir", f"folder not found: {evaluation.data_dir}")
     if not evaluation.learning_rates or any(not lr > 0 for lr in evaluation.learning_rates):
         raise ConfigError("eval.learning_rates", "needs positive learning rates")
     if not evaluation.batch_sizes or any(b < 1 for b in evaluation.batch_sizes):
         raise ConfigError("eval.batch_sizes", "needs batch sizes >= 1")
-    if evaluation.epochs < 1:
-        raise ConfigError("eval.epochs", f"must be >= 1, got {evaluation.epochs}")
+    for name in ("epochs", "train_examples", "validation_examples"):
+        if getattr(evaluation, name) < 1:
+            raise ConfigError(f"eval.{name}", f"must be >= 1, got {getattr(evaluation, name)}")
+    if evaluation.max_seq_len < 8:
+        raise ConfigError("eval.max_seq_len", f"must be at least 8, got {evaluation.max_seq_len}")
+
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
+
+
+def check_locations(out: Path | None = None, storage: str | None = None, cache_dir: str | None = None) -> None:
+    """The entry scripts' folders and storage URI, checked before anything is built or started."""
+    if out is not None:
+        _check_writable_folder("--out", out)
+    if storage is not None:
+        scheme, sep, rest = storage.partition("://")
+        if sep and scheme not in STORAGE_SCHEMES:
+            raise ConfigError("--storage", f"unknown scheme {scheme + '://'!r} in {storage!r}; use a local path or "
+                                           f"one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        if sep and not rest.strip("/"):
+            raise ConfigError("--storage", f"{storage!r} names no bucket or folder")
+        if not sep or scheme == "file":
+            _check_writable_folder("--storage", Path(rest if sep else storage))
+    if cache_dir is not None:
+        _check_writable_folder("--cache-dir", Path(cache_dir))
+
+
+def _check_writable_folder(name: str, path: Path) -> None:
+    """`path` is a folder, or can be created as one, and can be written."""
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(name, f"{path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(name, f"cannot create {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(name, f"cannot write to {existing}")

@@ -36,7 +36,7 @@ from raykd.data.stream import PretrainStream, validation_batches
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
-from raykd.train import StudentStep, make_optimizer, pretrain, validation_losses
+from raykd.train import StudentStep, derived_seed, make_optimizer, pretrain, validation_losses
 
 STATE_FILE = "state.json"
 CURVE_FILE = "curve.jsonl"
@@ -101,7 +101,9 @@ class TrialSpec:
 
 def _build(spec: TrialSpec):
     student_shape, teacher_shape = spec.student_shape(), spec.teacher_model_shape()
-    strategy = build_strategy(spec.strategy, student_shape, teacher_shape, spec.strategy_options)
+    with torch.random.fork_rng(devices=[]):  # projection heads: drawn from the trial's seed, not the process's RNG
+        torch.manual_seed(derived_seed(spec.seed, "strategy"))
+        strategy = build_strategy(spec.strategy, student_shape, teacher_shape, spec.strategy_options)
     # Same seed, same initial student for every strategy in a grid cell.
     student = build_masked_lm(student_shape, spec.vocab_size, spec.seq_len, seed=spec.seed, dropout=spec.dropout)
     return student, strategy
@@ -119,11 +121,12 @@ def worker_loop(config: dict) -> None:
     plain_module = step_module = StudentStep(student, strategy).to(device)
     optimizer = make_optimizer(step_module, spec.peak_lr, tuple(spec.betas), spec.eps, spec.weight_decay)
     meter = BudgetMeter(spec.budget, spec.budget_unit, devices=spec.devices())
-    curve, counts = [], None
+    curve, counts, restored = [], None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            curve, counts = _restore(Path(folder), step_module, optimizer, meter)
+            curve, counts, restored = _restore(Path(folder), step_module, optimizer, meter)
+        restored.append(meter.ledger.steps)  # the steps this trial was restored at, kept in its checkpoints
     if spec.audit_examples and counts is None:
         counts = {}
 
@@ -157,7 +160,8 @@ def worker_loop(config: dict) -> None:
     for report in pretrain(step_module, strategy, batches, meter, optimizer, peak_lr=spec.peak_lr,
                            student_shape=spec.student_shape(), teacher_shape=spec.teacher_model_shape(),
                            vocab_size=spec.vocab_size, teacher=teacher, reduce_sum=reduce_sum,
-                           world_size=world, max_grad_norm=spec.max_grad_norm):
+                           world_size=world, max_grad_norm=spec.max_grad_norm,
+                           dropout_seed=derived_seed(spec.seed, "dropout", rank)):
         trained = fetched.popleft()  # the loop prefetches one batch ahead
         if counts is not None:
             for example in trained.tolist():
@@ -172,11 +176,12 @@ def worker_loop(config: dict) -> None:
         curve.append(row)
         if evaluate or report.step % spec.checkpoint_every == 0:
             # Tune (ASHA) sees the latest validation losses at every report, not NaN between points.
-            _report({**row, **latest}, spec, rank, step_module, optimizer, meter, curve, counts, stream, final=False)
+            _report({**row, **latest}, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream,
+                    final=False)
     row = {**(curve[-1] if curve else {}), **meter.ledger.to_dict(), "budget_fraction": meter.fraction}
     row.update(_validation(plain_module, teacher, spec, rank, device))
     curve.append({**row, "final": True})
-    _report(row, spec, rank, step_module, optimizer, meter, curve, counts, stream, final=True)
+    _report(row, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream, final=True)
 
 
 def _to(batch: dict, device) -> dict:
@@ -198,7 +203,7 @@ def _validation(step_module, teacher, spec: TrialSpec, rank: int, device) -> dic
     return validation_losses(step_module, (_to(b, device) for b in batches), teacher)
 
 
-def _report(row, spec, rank, step_module, optimizer, meter, curve, counts, stream, *, final: bool) -> None:
+def _report(row, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream, *, final: bool) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint."""
     steps = meter.ledger.steps
     metrics = {**{k: v for k, v in row.items() if isinstance(v, (int, float, bool))},
@@ -207,12 +212,12 @@ def _report(row, spec, rank, step_module, optimizer, meter, curve, counts, strea
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0 or counts is not None:  # audit counts: every rank writes its own file
-            _save(Path(folder), rank, step_module, optimizer, meter, curve, counts)
+            _save(Path(folder), rank, step_module, optimizer, meter, curve, counts, restored)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _save(folder: Path, rank: int, step_module, optimizer, meter, curve, counts) -> None:
+def _save(folder: Path, rank: int, step_module, optimizer, meter, curve, counts, restored) -> None:
     if counts is not None:
         ids = np.fromiter(counts.keys(), dtype=np.int64)
         np.save(folder / f"rank{rank}-{COUNTS_FILE}", np.stack([ids, np.fromiter(counts.values(), dtype=np.int64)]))
@@ -222,16 +227,18 @@ def _save(folder: Path, rank: int, step_module, optimizer, meter, curve, counts)
     module.student.save_pretrained(folder / "student")
     torch.save({"strategy": module.strategy.state_dict(), "optimizer": optimizer.state_dict()}, folder / "training.pt")
     (folder / STATE_FILE).write_text(json.dumps({"ledger": meter.ledger.to_dict(),
-                                                 "last_step_seconds": meter.last_step_seconds}))
+                                                 "last_step_seconds": meter.last_step_seconds,
+                                                 "restored_from": restored}))
     with open(folder / CURVE_FILE, "w") as out:
         for row in curve:
             out.write(json.dumps(row) + "\n")
 
 
 def _restore(folder: Path, step_module, optimizer, meter):
-    """Load a checkpoint written by `_save`; returns the curve so far and the audit counts."""
+    """Load a checkpoint written by `_save`; returns the curve so far, the audit counts and the
+    steps the trial was restored at before."""
     module = step_module
-    state = torch.load(folder / "training.pt", weights_only=False)
+    state = torch.load(folder / "training.pt", weights_only=True)  # tensors and plain values only: loading runs no code
     loaded = AutoModelForMaskedLM.from_pretrained(folder / "student")
     module.student.load_state_dict(loaded.state_dict())
     module.strategy.load_state_dict(state["strategy"])
@@ -245,7 +252,7 @@ def _restore(folder: Path, step_module, optimizer, meter):
     if own.exists():
         ids, values = np.load(own)
         counts = dict(zip(ids.tolist(), values.tolist()))
-    return curve, counts
+    return curve, counts, saved["restored_from"]
 
 
 def run_pretraining(spec: TrialSpec, storage_path: str, name: str, callbacks: list | None = None) -> dict:
@@ -285,7 +292,7 @@ def summarise(checkpoint_path: str, metrics: dict, spec: TrialSpec) -> dict:
     summary = {**state["ledger"], "unique_tokens": metrics["unique_tokens"], "tokens_seen": metrics["tokens_seen"],
                "epochs": metrics["epochs"], "mlm_val_loss": curve[-1]["mlm_val_loss"],
                "kd_loss": curve[-1].get("kd_loss", math.nan), "checkpoint": str(folder / "student"),
-               "curve": curve}
+               "curve": curve, "restored_from": state["restored_from"]}
     if spec.audit_examples:
         totals = {}
         for path in sorted(folder.glob(f"rank*-{COUNTS_FILE}")):

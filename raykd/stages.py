@@ -6,6 +6,7 @@ second run (or trial) with the same configuration reuses the result.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -30,10 +31,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd"))
 
 
+def data_key(data) -> str:
+    """What identifies a prepared corpus: the data fields and the content of every data file
+    (size, mtime and SHA-256), so a file rewritten in place is never served from a stale cache."""
+    files = []
+    for pattern in data.data_files or []:
+        for path in sorted(glob.glob(pattern)) or [pattern]:
+            stat = os.stat(path)
+            files.append((stat.st_size, stat.st_mtime_ns, file_digest(path)))
+    return config_hash(asdict(data), files, _generator(data.source))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
     """Tokenizer and Parquet shards of the corpus; returns the meta.json path."""
     data = config.data
-    out = cache_dir / f"data-{config_hash(asdict(data), _generator(data.source))}"
+    out = cache_dir / f"data-{data_key(data)}"
     source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
     try:
         return _prepare_corpus(out, source, data)
@@ -80,7 +101,8 @@ def teacher_key(config: StudyConfig, meta_path: Path) -> str:
     """What identifies a self-pretrained teacher: its shape, budget, LR, the data and the batch."""
     teacher = config.teacher
     data_params = load_meta(meta_path)["params"]
-    return config_hash(asdict(teacher.shape), teacher.budget, teacher.budget_unit, teacher.lr, data_params,
+    corpus = Path(meta_path).parent.name  # data-<data_key>: the corpus content, not only its parameters
+    return config_hash(asdict(teacher.shape), teacher.budget, teacher.budget_unit, teacher.lr, data_params, corpus,
                        config.train.per_worker_batch, config.train.workers, config.data.mask_prob, config.data.seed)
 
 

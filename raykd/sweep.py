@@ -35,21 +35,24 @@ from raykd.io import atomic_path, atomic_write_text
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks,
                           teacher_record)
+from raykd.study_folder import bound_fields, check_binding, finished_rows, hold, record_study, write_row
 
-TRIALS_DIR = "trials"
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
-STUDY_FILE = "study.json"
 TUNED_LR_FILE = "tuned_lr.json"
 
 
-def budget_key(budget: float) -> str:
-    """How a budget names itself in trial ids and the tuned-LR file."""
-    return f"{budget:g}"
+def number_key(value: float) -> str:
+    """A number as it names itself in trial ids and the tuned-LR file: short (`3e+10`) where that
+    reads back as the same float, exact otherwise (3.0000001e10 and 3.0000002e10 never collide)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
 
 
 def trial_id(strategy: str, budget: float, repetition: float, seed: int) -> str:
-    return f"{strategy}-b{budget_key(budget)}-r{repetition:g}-s{seed}"
+    """The grid cell's name; distinct cells (distinct axis values) get distinct ids."""
+    return f"{strategy}-b{number_key(budget)}-r{number_key(repetition)}-s{seed}"
 
 
 def masked_per_sequence(seq_len: int, mask_prob: float, special_ids: dict, vocab_size: int) -> int:
@@ -114,7 +117,7 @@ def control_cells(config: StudyConfig) -> list[dict]:
 
 
 def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
-    """Tuned peak LRs {strategy: {budget_key: lr}} and the file they came from (None: config's)."""
+    """Tuned peak LRs {strategy: {number_key(budget): lr}} and the file they came from (None: config's)."""
     path = Path(config.train.lr_file) if config.train.lr_file else out / TUNED_LR_FILE
     if not path.is_file():
         return {}, None
@@ -126,7 +129,7 @@ def learning_rates(config: StudyConfig, out: Path) -> tuple[dict, str | None]:
 
 
 def lr_for(cell: dict, tuned: dict, source: str | None, default: float) -> tuple[float, str]:
-    lr = tuned.get(cell["strategy"], {}).get(budget_key(cell["budget"]))
+    lr = tuned.get(cell["strategy"], {}).get(number_key(cell["budget"]))
     if lr is None:
         return default, "config:train.lr"
     return float(lr), f"tuned:{source}"
@@ -256,16 +259,6 @@ class RowWriter(tune.Callback):
             collect_results(self.out)
 
 
-def write_row(out: Path, row: dict) -> None:
-    """Atomically write one trial's row."""
-    atomic_write_text(out / TRIALS_DIR / f"{row['trial_id']}.json", json.dumps(row, default=float))
-
-
-def finished_rows(out: Path) -> list[dict]:
-    folder = out / TRIALS_DIR
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-
-
 def collect_results(out: Path) -> pd.DataFrame:
     """Rebuild results.parquet and curves.parquet from the finished trials' rows (atomic writes)."""
     rows = finished_rows(out)
@@ -285,13 +278,6 @@ def collect_results(out: Path) -> pd.DataFrame:
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as staging:
         frame.to_parquet(staging, index=False)
-
-
-def check_output(out: Path, resume: bool) -> None:
-    """Refuse to mix a new study into a folder holding another's results, unless resuming."""
-    if finished_rows(out) and not resume:
-        raise ConfigError("out", f"{out} already holds finished trials; pass --resume to complete that study "
-                                 f"or choose another --out")
 
 
 # What every Ray worker gets unless --verbose: no per-batch Ray Data progress bars or INFO lines
@@ -333,10 +319,18 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
               cache_dir: str | Path | None = None, verbose: bool = False) -> pd.DataFrame:
     """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet).
 
+    The folder is held by this driver throughout and bound to `config` (study.json).
     verbose: keep Ray Data's and transformers' progress bars and logs in the workers' output.
     """
     out = Path(out).resolve()
-    check_output(out, resume)
+    check_binding(out, config, resume)
+    with hold(out, "grid.py"):
+        check_binding(out, config, resume)  # again, now that no other driver can write it
+        return _run_study(config, out, storage, resume, cache_dir, verbose)
+
+
+def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool,
+               cache_dir: str | Path | None, verbose: bool) -> pd.DataFrame:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
@@ -345,12 +339,9 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config, verbose)
-    out.mkdir(parents=True, exist_ok=True)
-    key = config_hash(config.to_dict(), str(out))
-    study_record = {"name": config.name, "tasks": config.eval.tasks, "key": key, "config": config.to_dict(),
-                    "chance": chance_levels(config, tasks_dir),
-                    "references": {"unigram_entropy": unigram_entropy(meta_path)}}
-    _write_study(out, study_record)
+    key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
+    facts = {"chance": chance_levels(config, tasks_dir), "references": {"unigram_entropy": unigram_entropy(meta_path)}}
+    record_study(out, config, key, **facts)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
@@ -377,13 +368,9 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     if missing:
         raise RuntimeError(f"{len(missing)} trial(s) did not finish: {', '.join(missing)}; rerun with --resume")
     teachers = results[results["strategy"] == "teacher"]["mlm_val_loss"]
-    study_record["references"]["teacher_mlm_val_loss"] = float(teachers.mean()) if len(teachers) else None
-    _write_study(out, study_record)
+    facts["references"]["teacher_mlm_val_loss"] = float(teachers.mean()) if len(teachers) else None
+    record_study(out, config, key, **facts)
     return results
-
-
-def _write_study(out: Path, record: dict) -> None:
-    atomic_write_text(out / STUDY_FILE, json.dumps(record, indent=1))
 
 
 def teacher_ledger(config: StudyConfig, teacher_dir: str | None) -> dict:
@@ -465,13 +452,17 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     from ray.tune.search.optuna import OptunaSearch
 
     out = Path(out).resolve()
+    with hold(out, "tune_lr.py"):
+        return _tune_learning_rates(config, out, storage, cache_dir)
+
+
+def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, cache_dir: str | Path | None) -> dict:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    start_ray(config)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
-    out.mkdir(parents=True, exist_ok=True)
+    start_ray(config)
     teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
                    if any(needs_teacher(cell["strategy"]) for cell in cells) else None)
     key = config_hash(config.to_dict(), str(out), "tune")
@@ -494,7 +485,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
         results = tuner.fit()
         best = results.get_best_result(metric="val_loss", mode="min", scope="last")
         lr = float(best.config["lr"])
-        tuned["lr"].setdefault(cell["strategy"], {})[budget_key(cell["budget"])] = lr
+        tuned["lr"].setdefault(cell["strategy"], {})[number_key(cell["budget"])] = lr
         tuned["searches"][cell["trial_id"]] = {
             "best_lr": lr, "best_val_loss": float(best.metrics["val_loss"]),
             "trials": [{"lr": float(r.config["lr"]), "val_loss": float(r.metrics.get("val_loss", math.nan)),

@@ -6,6 +6,7 @@ shard, its teacher client and a `reduce` that sums charges across workers.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -64,6 +65,13 @@ class StepReport:
     seconds: float = 0.0
 
 
+def derived_seed(seed: int, *purpose) -> int:
+    """A 63-bit seed for one purpose of a trial, e.g. (seed, "dropout", rank, step): independent
+    streams for every (seed, rank, purpose), the same in every process and on every rerun."""
+    digest = hashlib.sha256(repr((seed, *purpose)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _sum_local(values: torch.Tensor) -> torch.Tensor:
     return values
 
@@ -83,6 +91,7 @@ def pretrain(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _sum_local,
     world_size: int = 1,
     max_grad_norm: float = 1.0,
+    dropout_seed: int | None = None,
 ) -> Iterator[StepReport]:
     """Train until the next step would exceed the budget, yielding a report after each step.
 
@@ -90,6 +99,9 @@ def pretrain(
     sums a tensor over training workers, so every worker charges the global
     step and all stop at the same step. The teacher is asked for batch k+1
     before step k runs, so a teacher actor works while the student does.
+    With `dropout_seed`, the torch RNG that draws dropout masks is reseeded before
+    each step from (dropout_seed, step): a step's masks depend on nothing else, so a
+    run resumed from a checkpoint at step k draws what the uninterrupted run drew.
     """
     iterator = iter(batches)
 
@@ -112,6 +124,8 @@ def pretrain(
             group["lr"] = lr
         next_batch, next_handle = fetch()  # teacher works on k+1 while the student runs k
         teacher_outputs = teacher.collect(handle) if teacher is not None else None
+        if dropout_seed is not None:
+            torch.manual_seed(derived_seed(dropout_seed, meter.ledger.steps))
         loss, parts = step_module(batch, teacher_outputs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

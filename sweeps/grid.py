@@ -10,13 +10,13 @@ Results: OUT/results.parquet (one row per pretraining trial), OUT/curves.parquet
 OUT/study.json; `python -m analysis.report OUT` turns them into tables and plots.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
+from raykd.study_folder import check_binding, hold  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -36,19 +36,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray needs no token; a cluster sets its own
-    from raykd.sweep import run_study, summary_table
-
-    try:
+    try:  # every check that needs no corpus, before torch, transformers and Ray are imported
         config = load_config(args.preset, args.config, args.overrides)
-        out = Path(args.out or f"runs/{args.preset}")
-        results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir,
-                            verbose=args.verbose)
+        out = Path(args.out or f"runs/{args.preset}").resolve()
+        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir,
+                                verbose=args.verbose)
+        check_reachable(config)
+        check_binding(out, config, args.resume)
+        with hold(out, "grid.py"):
+            from raykd.sweep import run_study, summary_table
+
+            results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir,
+                                verbose=args.verbose)
     except (ConfigError, FileNotFoundError) as error:
         print(f"grid.py: error: {error}", file=sys.stderr)
         return 2
     print(f"\n{summary_table(results)}\n")
-    print(f"results: {out.resolve() / 'results.parquet'} ({len(results)} trials)")
+    print(f"results: {out / 'results.parquet'} ({len(results)} trials)")
     return 0
 
 

@@ -9,13 +9,12 @@ spent <= budget and budget - spent < the charge of the step that was refused.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,20 +27,25 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    try:
+    try:  # every check that needs no corpus, before torch, transformers and Ray are imported
         overrides = [f"strategies=[{args.strategy}]", *args.overrides]
         if args.budget is not None:
-            overrides.append(f"budgets=[{args.budget}]")
+            overrides.append(f"budgets=[{args.budget!r}]")
         if args.repetition is not None:
-            overrides.append(f"repetitions=[{args.repetition}]")
+            overrides.append(f"repetitions=[{args.repetition!r}]")
         config = load_config(args.preset, args.config, overrides)
+        check_locations(cache_dir=args.cache_dir)
+        check_reachable(config)
     except ConfigError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
     from raykd.sweep import pretrain_cell
 
-    summary, step_charge = pretrain_cell(config, cache_dir=args.cache_dir)
+    try:
+        summary, step_charge = pretrain_cell(config, cache_dir=args.cache_dir)
+    except ConfigError as error:  # what needs the corpus, e.g. the exact charge of one step
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
     ledger = {k: summary[k] for k in ("flops", "teacher_flops", "tokens", "device_seconds", "steps",
                                       "unique_tokens", "epochs", "mlm_val_loss")}
     budget = config.budgets[0]

@@ -9,13 +9,13 @@ where grid.py with the same --out reads them.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, load_config  # noqa: E402
+from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
+from raykd.study_folder import hold  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,18 +28,20 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", help="corpus/teacher cache (default: $RAYKD_CACHE or ~/.cache/raykd)")
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from raykd.sweep import TUNED_LR_FILE, tune_learning_rates
-
-    try:
+    try:  # every check that needs no corpus, before torch, transformers and Ray are imported
         config = load_config(args.preset, args.config, args.overrides)
-        out = Path(args.out or f"runs/{args.preset}")
-        tuned = tune_learning_rates(config, out, storage=args.storage, cache_dir=args.cache_dir)
+        out = Path(args.out or f"runs/{args.preset}").resolve()
+        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
+        check_reachable(config)
+        with hold(out, "tune_lr.py"):
+            from raykd.sweep import TUNED_LR_FILE, tune_learning_rates
+
+            tuned = tune_learning_rates(config, out, storage=args.storage, cache_dir=args.cache_dir)
     except (ConfigError, FileNotFoundError) as error:
         print(f"tune_lr.py: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(tuned["lr"], indent=1))
-    print(f"tuned learning rates: {out.resolve() / TUNED_LR_FILE}")
+    print(f"tuned learning rates: {out / TUNED_LR_FILE}")
     return 0
 
 

@@ -3,8 +3,9 @@ import os
 
 import pytest
 
-# Token authentication writes ~/.ray/auth_token on a local init; tests run without it.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication stays on: a local init writes ~/.ray/auth_token, and the
+# sweep scripts the tests start join the session's Ray (RAY_ADDRESS) with that token
+# (see sweep_env).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,6 +46,9 @@ def sweep_env(ray):
     """Environment for a sweep script: join the session's Ray instead of starting another."""
     env = dict(os.environ)
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    # A process joining a cluster does not learn its auth mode: it must say "token" (and
+    # finds the token in ~/.ray/auth_token), as a user joining a token cluster does.
+    env["RAY_AUTH_MODE"] = "token"
     return env
 
 
@@ -82,4 +86,4 @@ def smoke_study(ray_local, raykd_cache, tmp_path_factory):
     resumed = subprocess.run(sweep_command("grid.py", *common, "--resume"), env=env, capture_output=True,
                              text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache}
+    return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache, "env": env}

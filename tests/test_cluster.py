@@ -202,7 +202,15 @@ def launched(tmp_path_factory):
             config = cluster_config(security_group=group_id)
             resolved = _bootstrap_config(copy.deepcopy(config), no_config_cache=True)
             snapshot = _account_snapshot(ec2, iam, resolved)
+            calls = []  # the EC2 operations the head's autoscaler makes from here on
+            ray_aws_utils.resource_cache.cache_clear()  # Ray's boto objects, made anew with the hook
+            ray_aws_utils.client_cache.cache_clear()
+            events = boto3._get_default_session().events
+            events.register("before-call.ec2", lambda model, **kwargs: calls.append(model.name))
             snapshot.instances = _launch_one_of_each(ec2, resolved)
+            provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
+            provider.terminate_nodes(provider.non_terminated_nodes({}))
+            snapshot.autoscaler_calls = sorted(set(calls))
     snapshot.home, snapshot.resolved = home, resolved
     snapshot.group_id, snapshot.first_group_id = group_id, first_group_id
     return snapshot
@@ -297,10 +305,8 @@ def test_bootstrap_resolves_iam_key_pair_and_security_group(launched):
         assert ("s3:PutObject", f"arn:aws:s3:::{BUCKET}/*") in granted
         assert ("s3:ListBucket", f"arn:aws:s3:::{BUCKET}") in granted
     assert sorted(worker.inline) == ["raykd-results"] and worker.attached == []
-    assert head.attached == ["AmazonEC2FullAccess"]
-    assert head.inline["raykd-launch-workers"]["Statement"] == [
-        {"Effect": "Allow", "Action": "iam:PassRole", "Resource": worker.arn}
-    ]
+    assert head.attached == []  # no AmazonEC2FullAccess
+    assert head.inline["raykd-launch-workers"] == aws_setup.head_launch_policy(worker.arn)
 
     # Key pair: created in the account, private key in ~/.ssh of the (temporary) HOME only.
     key_names = {node["KeyName"] for node in nodes.values()}
@@ -380,9 +386,48 @@ def test_unedited_config_fails_before_opening_anything(offline_aws, capfd):
 # --- cluster/aws_setup.py ----------------------------------------------------------------
 
 
+def test_the_head_policy_covers_every_call_the_autoscaler_made_and_no_more(launched):
+    """Every EC2 operation Ray's node provider made (launch, list, terminate) is allowed,
+    and the policy allows nothing the provider's code does not call."""
+    assert {"RunInstances", "DescribeInstances", "TerminateInstances"} <= set(launched.autoscaler_calls)
+    allowed = set(aws_setup.HEAD_AUTOSCALER_ACTIONS)
+    assert {f"ec2:{call}" for call in launched.autoscaler_calls} <= allowed, launched.autoscaler_calls
+    [autoscaler, pass_role] = aws_setup.head_launch_policy("arn:aws:iam::123456789012:role/raykd-worker")["Statement"]
+    assert autoscaler["Action"] == sorted(allowed) and all(a.startswith("ec2:") for a in allowed)
+    assert pass_role == {
+        "Sid": "PassWorkerRoleToEC2", "Effect": "Allow", "Action": "iam:PassRole",
+        "Resource": "arn:aws:iam::123456789012:role/raykd-worker",
+        "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+    }
+
+
+def test_rerunning_the_setup_detaches_the_old_full_ec2_access(monkeypatch, tmp_path):
+    with offline_account(monkeypatch, tmp_path, managed_policies=True) as account:
+        aws_setup.ensure_instance_profiles(account.iam, BUCKET)
+        account.iam.attach_role_policy(RoleName=aws_setup.HEAD_PROFILE, PolicyArn=aws_setup.EC2_FULL_ACCESS)
+        aws_setup.ensure_instance_profiles(account.iam, BUCKET)
+        attached = account.iam.list_attached_role_policies(RoleName=aws_setup.HEAD_PROFILE)["AttachedPolicies"]
+    assert attached == []
+
+
+@pytest.mark.parametrize("cidr,allowed", [
+    ("203.0.113.7/32", True), ("10.20.0.0/16", True), ("2001:db8:1::/48", True), ("2001:db8::1/128", True),
+    ("10.0.0.0/15", False), ("0.0.0.0/1", False), ("128.0.0.0/1", False), ("2001:db8::/32", False),
+])
+def test_ssh_must_come_from_a_host_or_a_narrow_network(cidr, allowed):
+    if allowed:
+        assert str(aws_setup.ssh_network(cidr)) == cidr
+    else:
+        with pytest.raises(ValueError, match="--allow-wide-ssh"):
+            aws_setup.ssh_network(cidr)
+        assert str(aws_setup.ssh_network(cidr, allow_wide=True)) == cidr
+
+
 def test_setup_refuses_bad_input_before_touching_the_account(offline_aws):
     bad_inputs = [
         (["--ssh-cidr", "0.0.0.0/0", "--bucket", BUCKET], "--ssh-cidr"),
+        (["--ssh-cidr", "0.0.0.0/1", "--bucket", BUCKET], "--ssh-cidr"),
+        (["--ssh-cidr", "0.0.0.0/0", "--allow-wide-ssh", "--bucket", BUCKET], "--ssh-cidr"),
         (["--ssh-cidr", "::/0", "--bucket", BUCKET], "--ssh-cidr"),
         (["--ssh-cidr", "203.0.113.300/32", "--bucket", BUCKET], "--ssh-cidr"),
         (["--ssh-cidr", SSH_CIDR, "--bucket", "Not_A_Bucket"], "--bucket"),
