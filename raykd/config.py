@@ -160,8 +160,13 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
-def load_config(preset: str = "local", file: str | Path | None = None, overrides: list[str] = ()) -> StudyConfig:
-    """Preset YAML, then an optional YAML file, then `a.b=value` overrides; validated."""
+def load_config(preset: str = "local", file: str | Path | None = None, overrides: list[str] = (),
+                strategy_checks: bool = True) -> StudyConfig:
+    """Preset YAML, then an optional YAML file, then `a.b=value` overrides; validated.
+
+    strategy_checks=False leaves out the strategies' own checks (`check_strategy_pairs`), which import
+    torch: the entry scripts run them after every cheaper check of their arguments.
+    """
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     raw = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text()) or {}
@@ -192,6 +197,8 @@ def load_config(preset: str = "local", file: str | Path | None = None, overrides
             raise ConfigError(key, f"cannot read {value!r}: {_yaml_problem(error)}") from None
     config = from_dict(StudyConfig, raw)
     validate(config)
+    if strategy_checks:
+        check_strategy_pairs(config)
     return config
 
 
@@ -302,16 +309,15 @@ def validate(config: StudyConfig) -> None:
     if sweep.max_concurrent_trials is not None and sweep.max_concurrent_trials < 1:
         raise ConfigError("sweep.max_concurrent_trials", f"must be >= 1 (or null: no limit), "
                                                          f"got {sweep.max_concurrent_trials}")
-    _check_strategy_pairs(config)
 
 
 SEED_LIMIT = 2 ** 32  # numpy and the synthetic language take 32-bit seeds
 
-def _check_strategy_pairs(config: StudyConfig) -> None:
+def check_strategy_pairs(config: StudyConfig) -> None:
     """Each strategy's options and its own checks of the student/teacher pair (raykd/strategies/<name>.py).
 
-    Last of the checks: it imports the strategy modules, and with them torch (~2 s), so every other
-    bad input is refused before that.
+    Apart from `validate` because it imports the strategy modules, and with them torch and
+    transformers (2-3 s): the entry scripts refuse every other bad input before that.
     """
     from raykd.strategies import check_options, check_pair
 

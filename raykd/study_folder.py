@@ -117,6 +117,22 @@ def hold(out: Path, script: str = "driver"):
         os.close(fd)  # closing the last descriptor releases the lock
 
 
+def check_unlocked(out: Path) -> None:
+    """Refuse a folder another driver holds, without creating anything (`hold` takes the lock later)."""
+    path = (out / LOCK_FILE).resolve()
+    if path in _held or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise ConfigError("--out", f"{out} is in use by another driver ({holder}); wait for it to finish "
+                                   f"or choose another --out") from None
+    finally:
+        os.close(fd)
+
+
 def write_row(out: Path, row: dict) -> None:
     """Durably write one finished trial's row."""
     folder = out / TRIALS_DIR

@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
-from raykd.study_folder import check_binding, hold  # noqa: E402
+from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
+                          load_config)  # noqa: E402
+from raykd.study_folder import check_binding, check_unlocked, hold  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,12 +38,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
-        config = load_config(args.preset, args.config, args.overrides)
+        config = load_config(args.preset, args.config, args.overrides, strategy_checks=False)
         out = Path(args.out or f"runs/{args.preset}").resolve()
-        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir,
-                                verbose=args.verbose)
+        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
         check_reachable(config)
         check_binding(out, config, args.resume)
+        check_unlocked(out)
+        check_strategy_pairs(config)  # imports torch: after every cheaper check
         with hold(out, "grid.py"):
             from raykd.sweep import run_study, summary_table
 

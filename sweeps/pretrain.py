@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
+from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
+                          load_config)  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,9 +34,10 @@ def main(argv=None) -> int:
             overrides.append(f"budgets=[{args.budget!r}]")
         if args.repetition is not None:
             overrides.append(f"repetitions=[{args.repetition!r}]")
-        config = load_config(args.preset, args.config, overrides)
+        config = load_config(args.preset, args.config, overrides, strategy_checks=False)
         check_locations(cache_dir=args.cache_dir)
         check_reachable(config)
+        check_strategy_pairs(config)  # imports torch: after every cheaper check
     except ConfigError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2

@@ -14,8 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import PRESETS, ConfigError, check_locations, check_reachable, load_config  # noqa: E402
-from raykd.study_folder import hold  # noqa: E402
+from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
+                          load_config)  # noqa: E402
+from raykd.study_folder import check_unlocked, hold  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,10 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
-        config = load_config(args.preset, args.config, args.overrides)
+        config = load_config(args.preset, args.config, args.overrides, strategy_checks=False)
         out = Path(args.out or f"runs/{args.preset}").resolve()
         check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
         check_reachable(config)
+        check_unlocked(out)
+        check_strategy_pairs(config)  # imports torch: after every cheaper check
         with hold(out, "tune_lr.py"):
             from raykd.sweep import TUNED_LR_FILE, tune_learning_rates
 

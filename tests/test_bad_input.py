@@ -179,6 +179,9 @@ def probe_runs(bad_files, tmp_path_factory):
         return dict(zip([p[0] for p in PROBES], runs))
 
 
+STRATEGY_PAIR_PROBES = ("tinybert-head-mismatch", "minilm-relation-heads", "tinybert-layer-map")
+
+
 @pytest.mark.parametrize("probe", PROBES, ids=[p[0] for p in PROBES])
 def test_bad_input_exits_2_naming_it_before_ray_or_corpus(probe, probe_runs):
     name, script, _, named = probe
@@ -192,7 +195,9 @@ def test_bad_input_exits_2_naming_it_before_ray_or_corpus(probe, probe_runs):
     assert lines[-1].startswith(f"{PREFIX[script]}: error: "), where
     for part in (named,) if isinstance(named, str) else named:
         assert part in lines[-1], where
-    assert result["imported"] == [], f"{name} imported {result['imported']} before refusing the input"
+    # A strategy's own pair checks live in its module (raykd/strategies/), which imports torch.
+    allowed = {"torch", "transformers"} if name in STRATEGY_PAIR_PROBES else set()
+    assert set(result["imported"]) <= allowed, f"{name} imported {result['imported']} before refusing the input"
     assert not any((tmp / "ray").glob("session_*")), f"{name} started a Ray session"
     assert not any((tmp / "cache").glob("data-*")), f"{name} built a corpus"
     assert not (tmp / "out").exists(), f"{name} created its output folder"
