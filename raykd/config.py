@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from raykd.budget import UNITS
+from raykd.device import PRECISIONS
 from raykd.models import ModelShape
 from raykd.strategies import STRATEGIES, StrategyOptions, check_pair
 
@@ -24,6 +25,7 @@ PRESETS = ("smoke", "local", "paper")
 PLACEMENTS = ("actor", "colocated")
 DATA_SOURCES = ("synthetic", "files", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
+CALIBRATION_WARMUP_STEPS = 5  # steps of the calibration run left out of the measured rate (allocator, kernels, compile)
 
 
 class ConfigError(ValueError):
@@ -104,7 +106,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     dropout: float = 0.1
-    tokens_per_device_second: float | None = None  # device_seconds budgets: sizes the data pool (SPEC §4)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: student, teacher forward, fine-tuning
+    compile: bool = False  # torch.compile the training step (pays a compile time per trial)
+    # device_seconds budgets size the data pool (SPEC §4) from scratch tokens per device-second,
+    # measured before the grid by a `calibration_steps` scratch run on the trials' hardware;
+    # a value here overrides the measurement.
+    tokens_per_device_second: float | None = None
+    calibration_steps: int = 30
     checkpoint_every: int = 50
     eval_points: int = 4  # MLM validation points along the budget
     validation_examples: int = 256
@@ -311,9 +319,15 @@ def validate(config: StudyConfig) -> None:
     for name in ("per_worker_batch", "workers", "num_threads", "checkpoint_every", "eval_points", "validation_examples"):
         if getattr(config.train, name) < 1:
             raise ConfigError(f"train.{name}", f"must be >= 1, got {getattr(config.train, name)}")
-    if config.budget_unit == "device_seconds" and config.unique_tokens is None and not (config.train.tokens_per_device_second or 0) > 0:
-        raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs it (or unique_tokens) "
-                                                            "to size the data pool")
+    if config.train.precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"unknown precision {config.train.precision!r}; known: {', '.join(PRECISIONS)}")
+    if not isinstance(config.train.compile, bool):
+        raise ConfigError("train.compile", f"must be true or false, got {config.train.compile!r}")
+    if config.train.tokens_per_device_second is not None and not config.train.tokens_per_device_second > 0:
+        raise ConfigError("train.tokens_per_device_second", f"must be positive, got {config.train.tokens_per_device_second}")
+    if config.train.calibration_steps < CALIBRATION_WARMUP_STEPS + 2:
+        raise ConfigError("train.calibration_steps", f"must be >= {CALIBRATION_WARMUP_STEPS + 2} (the first "
+                                                     f"{CALIBRATION_WARMUP_STEPS} are warm-up), got {config.train.calibration_steps}")
     if not config.sweep.trial_cpus > 0:
         raise ConfigError("sweep.trial_cpus", f"must be positive (Tune refuses 0), got {config.sweep.trial_cpus}")
     if not config.train.lr > 0:

@@ -58,8 +58,11 @@ def masked_per_sequence(seq_len: int, mask_prob: float, special_ids: dict, vocab
     return int((labels != -100).sum())
 
 
-def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
-    """T_scratch: tokens `scratch` processes at this budget (SPEC §4), from the same charge the trial uses."""
+def scratch_tokens(config: StudyConfig, budget: float, meta: dict, tokens_per_device_second: float | None = None) -> int:
+    """T_scratch: tokens `scratch` processes at this budget (SPEC §4), from the same charge the trial uses.
+
+    A device_seconds budget converts through `tokens_per_device_second` (see `calibration`).
+    """
     train, seq_len = config.train, meta["seq_len"]
     global_batch = train.per_worker_batch * train.workers
     tokens_per_step = global_batch * seq_len
@@ -72,16 +75,19 @@ def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
                             meta["vocab_size"], global_batch, seq_len, masked).total
         steps = int(budget // charge)
     else:
-        steps = int(budget * config.train.tokens_per_device_second // tokens_per_step)
+        if not tokens_per_device_second:
+            raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs a measured or given "
+                                                                "rate to size its pool (see raykd.calibration)")
+        steps = int(budget * tokens_per_device_second // tokens_per_step)
     return steps * tokens_per_step
 
 
-def plan_cells(config: StudyConfig, meta: dict) -> list[dict]:
+def plan_cells(config: StudyConfig, meta: dict, tokens_per_device_second: float | None = None) -> list[dict]:
     """The grid: one cell per (budget, repetition, seed, strategy), with its pool size."""
     cells = []
     available = meta["splits"]["train"]["num_examples"]
     for budget in config.budgets:
-        tokens = scratch_tokens(config, budget, meta)
+        tokens = scratch_tokens(config, budget, meta, tokens_per_device_second)
         if tokens == 0 and config.unique_tokens is None:
             raise ConfigError("budgets", f"budget {budget:g} {config.budget_unit} does not pay for one scratch step")
         for repetition in config.repetitions:
@@ -131,8 +137,39 @@ def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_
         cpus_per_worker=train.cpus_per_worker, gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads,
         per_worker_batch=train.per_worker_batch, mask_prob=config.data.mask_prob, betas=tuple(train.betas),
         eps=train.eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, dropout=train.dropout,
+        precision=train.precision, compile=train.compile,
         checkpoint_every=train.checkpoint_every, eval_points=train.eval_points,
         validation_examples=train.validation_examples)
+
+
+def calibration(config: StudyConfig, meta_path: Path, meta: dict, storage_path: str, key: str,
+                out: Path | None = None) -> dict | None:
+    """Tokens per device-second for a device_seconds study's pools (None for other units or a given pool).
+
+    `train.tokens_per_device_second` overrides; else the rate this study (same key) already
+    recorded in out/study.json, so a resumed study keeps its pools; else a calibration run.
+    """
+    if config.budget_unit != "device_seconds" or config.unique_tokens is not None:
+        return None
+    if config.train.tokens_per_device_second:
+        return {"tokens_per_device_second": config.train.tokens_per_device_second,
+                "source": "config:train.tokens_per_device_second"}
+    recorded = out / STUDY_FILE if out else None
+    if recorded and recorded.is_file():
+        study = json.loads(recorded.read_text())
+        if study.get("key") == key and study.get("calibration"):
+            return study["calibration"]
+    from raykd.calibration import measure_tokens_per_device_second
+
+    start_ray(config)
+    return measure_tokens_per_device_second(
+        trial_spec_fields(config, meta_path, meta, None), config.train.calibration_steps,
+        meta["splits"]["train"]["num_examples"], config.seeds[0], config.train.lr, storage_path,
+        name=f"calibrate-{key}-{int(time.time())}")
+
+
+def _rate(measured: dict | None) -> float | None:
+    return measured["tokens_per_device_second"] if measured else None
 
 
 def pretrain_and_evaluate(trial_config: dict) -> None:
@@ -154,7 +191,8 @@ def pretrain_and_evaluate(trial_config: dict) -> None:
                               batch_sizes=evaluation["batch_sizes"], epochs=evaluation["epochs"],
                               max_seq_len=evaluation["max_seq_len"], seed=cell["seed"],
                               max_train_examples=evaluation["train_examples"],
-                              max_eval_examples=evaluation["validation_examples"], num_threads=spec.num_threads)
+                              max_eval_examples=evaluation["validation_examples"], num_threads=spec.num_threads,
+                              precision=spec.precision)
     row = {**{k: cell[k] for k in ("trial_id", "strategy", "budget", "repetition", "seed")},
            "budget_unit": spec.budget_unit, "flops": summary["flops"], "teacher_flops": summary["teacher_flops"],
            "tokens": summary["tokens"], "device_seconds": summary["device_seconds"],
@@ -255,14 +293,15 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
+    key = config_hash(config.to_dict(), str(out))
+    measured = calibration(config, meta_path, meta, storage_path, key, out)
+    cells = plan_cells(config, meta, _rate(measured))  # pool sizes checked against the corpus before the grid
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config)
     out.mkdir(parents=True, exist_ok=True)
-    key = config_hash(config.to_dict(), str(out))
     (out / STUDY_FILE).write_text(json.dumps({"name": config.name, "tasks": config.eval.tasks, "key": key,
-                                              "config": config.to_dict()}, indent=1))
+                                              "config": config.to_dict(), "calibration": measured}, indent=1))
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
@@ -299,9 +338,10 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cell = plan_cells(config, meta)[0]
-    start_ray(config)
     storage_path = storage or str(cache / "runs")
+    measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), "pretrain"))
+    cell = plan_cells(config, meta, _rate(measured))[0]
+    start_ray(config)
     teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if cell["strategy"] != "scratch" else None
     from raykd.ray_train import TrialSpec, run_pretraining
 
@@ -352,7 +392,9 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
     start_ray(config)
-    cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
+    measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), str(out)), out)
+    cells = [c for c in plan_cells(config, meta, _rate(measured))
+             if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     out.mkdir(parents=True, exist_ok=True)
     needs_teacher = any(cell["strategy"] != "scratch" for cell in cells)
     teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher else None
