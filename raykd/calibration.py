@@ -35,12 +35,21 @@ def measure_tokens_per_device_second(spec_fields: dict, steps: int, available_ex
                      unique_examples=min(available_examples, steps * global_batch), seed=seed, peak_lr=peak_lr)
     started = time.time()
     summary = run_pretraining(spec, storage_path, name=name)
-    rows = [row for row in summary["curve"] if not row.get("final")]
-    if len(rows) <= CALIBRATION_WARMUP_STEPS + 1:
-        raise RuntimeError(f"calibration ran {len(rows)} steps; needs more than {CALIBRATION_WARMUP_STEPS + 1}")
-    first, last = rows[CALIBRATION_WARMUP_STEPS - 1], rows[-1]
+    return {**rate_from_curve(summary["curve"]), "device": summary["device"], "workers": spec.workers,
+            "wall_seconds": time.time() - started, "source": "measured"}
+
+
+def rate_from_curve(curve: list[dict], warmup_steps: int = CALIBRATION_WARMUP_STEPS) -> dict:
+    """Tokens per device-second over a run's steps after the first `warmup_steps`.
+
+    curve: the trial's per-step rows, each with the cumulative ledger (`tokens`,
+    `device_seconds`) after that step; the final row (validation) is not a step.
+    """
+    rows = [row for row in curve if not row.get("final")]
+    if len(rows) < warmup_steps + 2:
+        raise RuntimeError(f"calibration ran {len(rows)} steps; needs at least {warmup_steps + 2}")
+    first, last = rows[warmup_steps - 1], rows[-1]
     tokens = last["tokens"] - first["tokens"]
     seconds = last["device_seconds"] - first["device_seconds"]
     return {"tokens_per_device_second": tokens / seconds, "steps": last["step"] - first["step"], "tokens": tokens,
-            "seconds": seconds, "warmup_steps": CALIBRATION_WARMUP_STEPS, "device": summary["device"],
-            "workers": spec.workers, "wall_seconds": time.time() - started, "source": "measured"}
+            "seconds": seconds, "warmup_steps": warmup_steps}
