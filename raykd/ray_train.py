@@ -32,8 +32,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoModelForMaskedLM
 
 from raykd.budget import BudgetMeter, Ledger
-from raykd.device import device_name, enable_tf32, resolve_precision
 from raykd.data.stream import PretrainStream, validation_batches
+from raykd.device import device_name, enable_tf32, resolve_precision
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import StrategyOptions, build_strategy
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
