@@ -2,7 +2,10 @@
 
 Runs one full training step (teacher forward, student forward, loss, backward)
 of each strategy on a preset's shapes and batch, counts its FLOPs with
-FlopCounterMode, and compares with raykd.flops. Last line: JSON of the ratios.
+FlopCounterMode, and compares with raykd.flops. Last line: JSON of the ratios. Fused attention on
+CPU (the teacher, in eval mode) runs a kernel torch's counter leaves at 0 FLOPs;
+`count_fused_cpu_attention` gives it torch's own attention formula, so the
+check counts every attention product whichever kernel ran.
 
     python bench/flops_check.py [--preset local]
 """
@@ -13,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from raykd.config import load_config
-from raykd.flops import step_flops
+from raykd.flops import count_fused_cpu_attention, step_flops
 from raykd.models import build_masked_lm
 from raykd.strategies import build_strategy
 from raykd.teacher import ColocatedTeacher, LocalTeacher
@@ -32,6 +35,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="local")
     args = parser.parse_args()
+    count_fused_cpu_attention()
     config = load_config(args.preset)
     student_shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
     vocab, seq = config.data.vocab_size, config.data.seq_len

@@ -32,6 +32,8 @@ DATA_SOURCES = ("synthetic", "files", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
 # Reference rows fine-tuned beside the strategies (SPEC §6): the never-pretrained student and the teacher.
 CONTROLS = ("random_init", "teacher")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # raykd.device applies them (it imports torch)
+CALIBRATION_WARMUP_STEPS = 5  # steps of the calibration run left out of the measured rate (allocator, kernels, compile)
 
 
 class ConfigError(ValueError):
@@ -101,7 +103,13 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     dropout: float = 0.1
-    tokens_per_device_second: float | None = None  # device_seconds budgets: sizes the data pool (SPEC §4)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16: student, teacher forward, fine-tuning
+    compile: bool = False  # torch.compile the training step (pays a compile time per trial)
+    # device_seconds budgets size the data pool (SPEC §4) from scratch tokens per device-second,
+    # measured before the grid by a `calibration_steps` scratch run on the trials' hardware;
+    # a value here overrides the measurement.
+    tokens_per_device_second: float | None = None
+    calibration_steps: int = 30
     checkpoint_every: int = 50
     eval_points: int = 4  # MLM validation points along the budget
     validation_examples: int = 256
@@ -289,6 +297,13 @@ def validate(config: StudyConfig) -> None:
     _check_teacher(config)
     _check_data(config.data)
     _check_train(config)
+    if config.train.precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"unknown precision {config.train.precision!r}; known: {', '.join(PRECISIONS)}")
+    if not isinstance(config.train.compile, bool):
+        raise ConfigError("train.compile", f"must be true or false, got {config.train.compile!r}")
+    if config.train.calibration_steps < CALIBRATION_WARMUP_STEPS + 2:
+        raise ConfigError("train.calibration_steps", f"must be >= {CALIBRATION_WARMUP_STEPS + 2} (the first "
+                                                     f"{CALIBRATION_WARMUP_STEPS} are warm-up), got {config.train.calibration_steps}")
     _check_budgets_pay_for_a_step(config)
     _check_eval(config.eval)
     tune = config.tune
@@ -521,9 +536,6 @@ def _check_train(config: StudyConfig) -> None:
         raise ConfigError("train.gpus_per_worker", f"must be >= 0, got {train.gpus_per_worker}")
     if train.tokens_per_device_second is not None and not train.tokens_per_device_second > 0:
         raise ConfigError("train.tokens_per_device_second", f"must be positive, got {train.tokens_per_device_second}")
-    if config.budget_unit == "device_seconds" and config.unique_tokens is None and train.tokens_per_device_second is None:
-        raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs it (or unique_tokens) "
-                                                            "to size the data pool")
     if train.lr_file is not None and not Path(train.lr_file).is_file():
         raise ConfigError("train.lr_file", f"file not found: {train.lr_file}")
 

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from raykd.task_specs import TASKS, TaskSpec  # noqa: F401  (the registry, re-exported)
+from raykd.device import autocast, grad_scaler
 
 GLUE_HUB_NAME = "nyu-mll/glue"
 LABEL_COLUMN = "label"
@@ -223,7 +224,8 @@ def load_student_classifier(student_dir, num_labels, seed=0):
     torch.manual_seed(seed)
     with _quiet_load_report():
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            student_dir, num_labels=num_labels, problem_type=problem_type, output_loading_info=True
+            student_dir, num_labels=num_labels, problem_type=problem_type, output_loading_info=True,
+            attn_implementation="sdpa",  # fused attention: fine-tuning never reads attention weights
         )
     # The head (and the pooler, which an MLM checkpoint does not train) is new;
     # anything else missing means the encoder was not loaded.
@@ -252,21 +254,22 @@ def _loss(logits, labels):
 
 
 @torch.inference_mode()
-def _predict(model, examples, pad_id, device):
+def _predict(model, examples, pad_id, device, precision="fp32"):
     """Dev-set predictions, batched by length to keep padding small."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     outputs = [None] * len(examples)
     for start in range(0, len(order), EVAL_BATCH_SIZE):
         indices = order[start : start + EVAL_BATCH_SIZE]
-        logits = model(**_collate([examples[i] for i in indices], pad_id, device)).logits
+        with autocast(precision, device):
+            logits = model(**_collate([examples[i] for i in indices], pad_id, device)).logits.float()
         values = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
         for i, value in zip(indices, values.tolist()):
             outputs[i] = value
     return np.asarray(outputs)
 
 
-def _train_cell(pristine, task, train, dev, pad_id, learning_rate, batch_size, epochs, seed, device):
+def _train_cell(pristine, task, train, dev, pad_id, learning_rate, batch_size, epochs, seed, device, precision):
     """Fine-tune a copy of the student with one (lr, batch) setting; the dev
     (score, details) after each epoch."""
     model = copy.deepcopy(pristine).to(device)
@@ -282,6 +285,7 @@ def _train_cell(pristine, task, train, dev, pad_id, learning_rate, batch_size, e
     schedule = get_polynomial_decay_schedule_with_warmup(
         optimizer, round(WARMUP_FRACTION * total_steps), total_steps, lr_end=0.0, power=1.0
     )
+    scaler = grad_scaler(precision, device)
     epoch_results = []
     for _ in range(epochs):
         model.train()
@@ -289,12 +293,14 @@ def _train_cell(pristine, task, train, dev, pad_id, learning_rate, batch_size, e
         for start in range(0, len(permutation), batch_size):
             indices = permutation[start : start + batch_size]
             batch = _collate([train_examples[i] for i in indices], pad_id, device)
-            loss = _loss(model(**batch).logits, train_labels[torch.tensor(indices, device=device)])
-            loss.backward()
-            optimizer.step()
+            with autocast(precision, device):
+                loss = _loss(model(**batch).logits, train_labels[torch.tensor(indices, device=device)])
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-        predictions = _predict(model, dev_examples, pad_id, device)
+        predictions = _predict(model, dev_examples, pad_id, device, precision)
         epoch_results.append(task_score(task, predictions, dev_labels.numpy()))
     return epoch_results
 
@@ -353,6 +359,7 @@ def finetune_task(
     max_eval_examples=None,
     num_threads=None,
     device=None,
+    precision="auto",
 ):
     """Fine-tune a pretrained student on one task over the lr x batch grid and
     keep the best dev score over all cells and epochs.
@@ -364,7 +371,8 @@ def finetune_task(
     epoch. Training is seeded: equal arguments give equal scores (on CPU;
     GPU kernels need not be bitwise deterministic). max_*_examples take a
     seeded random subset of a split. num_threads sets torch's CPU threads for
-    the call; device defaults to CUDA when available, else CPU.
+    the call; device defaults to CUDA when available, else CPU; precision is
+    `train.precision` (see raykd.device: "auto" is bf16 autocast on CUDA, fp32 on CPU).
 
     Returns {"task", "score" (0-100), "details" (the metrics of the best
     cell-epoch), "best_lr", "best_batch_size", "best_epoch" (1-based),
@@ -393,7 +401,7 @@ def finetune_task(
             for batch_size in batch_sizes:
                 epoch_results = _train_cell(
                     pristine, task, train, dev, tokenizer.pad_token_id,
-                    learning_rate, batch_size, epochs, seed, device,
+                    learning_rate, batch_size, epochs, seed, device, precision,
                 )
                 epoch_scores = [score for score, _ in epoch_results]
                 grid.append(

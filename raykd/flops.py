@@ -5,10 +5,15 @@ the encoder's projections and FFN, attention scores and values, the LM head
 at the positions actually computed, and whatever each strategy's loss adds
 (`Strategy.extra_flops`: projection heads, relation products). Student training = 3 × its forward (forward + backward of
 both operands); the teacher = 1 × its forward up to the highest layer used.
+The count does not depend on the attention kernel: fused attention runs the
+same two L × L products per head as the explicit matmuls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch.utils import flop_counter
 
 from raykd.models import ForwardNeeds, ModelShape
 from raykd.strategies.base import Strategy
@@ -54,3 +59,29 @@ def step_flops(strategy: Strategy, student: ModelShape, teacher: ModelShape | No
     student_fwd += extra_student
     teacher_fwd += extra_teacher
     return StepFlops(student=3.0 * student_fwd, teacher=teacher_fwd)
+
+
+def count_fused_cpu_attention() -> None:
+    """Make `FlopCounterMode` count CPU fused attention, which torch (2.13) counts as 0 FLOPs.
+
+    Without dropout, `scaled_dot_product_attention` on CPU runs
+    `_scaled_dot_product_flash_attention_for_cpu`, an op with no registered
+    formula (CUDA's flash, efficient and cuDNN kernels have one; with dropout
+    CPU falls back to plain matmuls, which are counted). This registers model
+    FLOPs for it: forward, torch's own formula for the CUDA kernels (two L × L
+    products); backward, the gradients of those two products (twice the
+    forward). torch's CUDA backward formula adds the kernel's recomputation of
+    the scores (2.5 × forward); like MFU, raykd charges model work, not
+    recomputation. Safe to call more than once.
+    """
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)

@@ -5,7 +5,9 @@ Models are plain `transformers.BertForMaskedLM` instances (built from a
 `save_pretrained` / `AutoModelForMaskedLM.from_pretrained`. `encode` runs the
 same computation as the model's own forward, but it can stop at a layer,
 keep what a strategy needs (hidden states, pre-softmax attention scores,
-Q/K/V), and runs the LM head only at masked positions.
+Q/K/V), and runs the LM head only at masked positions. Attention is fused
+(`scaled_dot_product_attention`) in every layer whose scores are not kept;
+only those layers materialise the (B, heads, L, L) score tensor.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ def bert_config(shape: ModelShape, vocab_size: int, max_positions: int, dropout:
         attention_probs_dropout_prob=dropout,
         pad_token_id=0,
         type_vocab_size=2,
-        # Our forward computes attention itself; "eager" keeps HF's own forward
-        # (used after loading, e.g. in fine-tuning) returning attentions if asked.
+        # Our forward (`encode`) computes attention itself; "eager" keeps HF's own
+        # forward returning attentions if a user asks (sdpa silently returns none).
+        # Fine-tuning switches to sdpa when it loads a student.
         attn_implementation="eager",
     )
 
@@ -102,13 +105,15 @@ def encode(
     attention_mask: torch.Tensor,
     needs: ForwardNeeds,
     masked_positions: torch.Tensor | None = None,
+    fused_attention: bool = True,
 ) -> Captured:
     """Run `model` on a batch, computing only what `needs` asks for.
 
     The forward stops at the highest layer needed (layers above it are not
     run); a top layer needed only for Q/K/V stops after its projections.
     masked_positions: (B, L) bool, required when `needs.masked_logits`; the LM
-    head runs on those positions only.
+    head runs on those positions only. fused_attention=False runs every
+    layer's attention as explicit matmuls (the reference the fused path is tested against).
     """
     bert = model.bert
     n_layers = len(bert.encoder.layer)
@@ -119,12 +124,18 @@ def encode(
         out.hidden[0] = x
     # Additive key mask: 0 where attended, a large negative number at padding.
     key_bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+    # The fused kernel takes a boolean mask (any dtype under autocast); with no padding
+    # (packed pretraining batches) it gets none, which lets CUDA pick flash attention.
+    key_keep = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
     for index, layer in enumerate(bert.encoder.layer[:top], start=1):
         if index == top and needs.top_is_qkv_only(n_layers):
             attn = layer.attention.self
             out.qkv[index] = (attn.query(x), attn.key(x), attn.value(x))
             break
-        x = _layer_forward(layer, x, key_bias, index, out, index in needs.score_layers, index in needs.qkv_layers)
+        keep_scores = index in needs.score_layers
+        fused = fused_attention and not keep_scores
+        x = _layer_forward(layer, x, key_keep if fused else key_bias, index, out, keep_scores,
+                           index in needs.qkv_layers, fused)
         if index in needs.hidden_layers:
             out.hidden[index] = x
     if needs.masked_logits:
@@ -132,9 +143,14 @@ def encode(
     return out
 
 
-def _layer_forward(layer: nn.Module, x: torch.Tensor, key_bias: torch.Tensor, index: int, out: Captured,
-                   keep_scores: bool, keep_qkv: bool) -> torch.Tensor:
-    """One post-LN BERT layer, numerically the same as `BertLayer.forward`."""
+def _layer_forward(layer: nn.Module, x: torch.Tensor, key_mask: torch.Tensor | None, index: int, out: Captured,
+                   keep_scores: bool, keep_qkv: bool, fused: bool) -> torch.Tensor:
+    """One post-LN BERT layer, numerically the same as `BertLayer.forward`.
+
+    fused: attention by `scaled_dot_product_attention`, key_mask a boolean
+    keep-mask (B, 1, 1, L) or None; otherwise explicit matmuls (needed to keep
+    the pre-softmax scores), key_mask an additive float bias (B, 1, 1, L).
+    """
     attn = layer.attention.self
     batch, length, width = x.shape
     heads = attn.num_attention_heads
@@ -145,13 +161,16 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, key_bias: torch.Tensor, in
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.view(batch, length, heads, -1).transpose(1, 2)
 
-    # Explicit matmuls (not SDPA): FlopCounterMode counts them, and on CPU they
-    # are no slower; the raw scores are needed by TinyBERT anyway.
-    scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * attn.scaling
-    if keep_scores:
-        out.scores[index] = scores
-    probs = torch.softmax(scores + key_bias, dim=-1)
-    probs = nn.functional.dropout(probs, p=attn.dropout.p, training=attn.training)
-    context = torch.matmul(probs, split(v)).transpose(1, 2).reshape(batch, length, width)
+    dropout = attn.dropout.p if attn.training else 0.0  # on the attention probabilities, both paths
+    if fused:
+        context = nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=key_mask,
+                                                             dropout_p=dropout, scale=attn.scaling)
+    else:
+        scores = torch.matmul(split(q), split(k).transpose(-1, -2)) * attn.scaling
+        if keep_scores:
+            out.scores[index] = scores
+        probs = torch.softmax(scores + key_mask, dim=-1)
+        context = torch.matmul(nn.functional.dropout(probs, p=dropout), split(v))
+    context = context.transpose(1, 2).reshape(batch, length, width)
     attended = layer.attention.output(context, x)
     return layer.output(layer.intermediate(attended), attended)

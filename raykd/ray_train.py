@@ -33,6 +33,7 @@ from transformers import AutoModelForMaskedLM
 
 from raykd.budget import BudgetMeter, Ledger
 from raykd.data.stream import PretrainStream, validation_batches
+from raykd.device import device_name, enable_tf32, resolve_precision
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
@@ -76,6 +77,8 @@ class TrialSpec:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     dropout: float = 0.1
+    precision: str = "auto"
+    compile: bool = False
     checkpoint_every: int = 50
     eval_points: int = 4
     validation_examples: int = 256
@@ -116,6 +119,9 @@ def worker_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(spec.num_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
     device = torch.device("cuda", torch.cuda.current_device()) if spec.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+    precision = resolve_precision(spec.precision, device)
+    if device.type == "cuda":
+        enable_tf32()
 
     student, strategy = _build(spec)
     plain_module = step_module = StudentStep(student, strategy).to(device)
@@ -139,7 +145,8 @@ def worker_loop(config: dict) -> None:
         teacher = ActorTeacher(config["teacher_actors"], needs, rank=rank, device=str(device))
     elif needs is not None:
         model = AutoModelForMaskedLM.from_pretrained(spec.teacher_dir).to(device)
-        teacher = ColocatedTeacher(LocalTeacher(model, needs, torch.float32 if device.type == "cpu" else torch.bfloat16))
+        teacher = ColocatedTeacher(LocalTeacher(model, needs, torch.float32 if device.type == "cpu" else torch.bfloat16,
+                                                precision))
 
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
@@ -151,6 +158,8 @@ def worker_loop(config: dict) -> None:
     else:
         def reduce_sum(values):
             return values
+    if spec.compile:
+        step_module = torch.compile(step_module)
 
     fetched = collections.deque()  # example ids of batches handed to the loop, not yet trained on
     batches = (_to(batch, device) for batch in _remembered(stream.batches(start_step=meter.ledger.steps), fetched))
@@ -160,7 +169,7 @@ def worker_loop(config: dict) -> None:
     for report in pretrain(step_module, strategy, batches, meter, optimizer, peak_lr=spec.peak_lr,
                            student_shape=spec.student_shape(), teacher_shape=spec.teacher_model_shape(),
                            vocab_size=spec.vocab_size, teacher=teacher, reduce_sum=reduce_sum,
-                           world_size=world, max_grad_norm=spec.max_grad_norm,
+                           world_size=world, max_grad_norm=spec.max_grad_norm, precision=precision,
                            dropout_seed=derived_seed(spec.seed, "dropout", rank)):
         trained = fetched.popleft()  # the loop prefetches one batch ahead
         if counts is not None:
@@ -171,7 +180,7 @@ def worker_loop(config: dict) -> None:
         evaluate = next_mark < len(eval_marks) and report.fraction >= eval_marks[next_mark]
         if evaluate:
             next_mark += 1
-            row.update(_validation(plain_module, teacher, spec, rank, device))
+            row.update(_validation(plain_module, teacher, spec, rank, device, precision))
             latest = {k: row[k] for k in ("mlm_val_loss", "val_loss")}
         curve.append(row)
         if evaluate or report.step % spec.checkpoint_every == 0:
@@ -179,7 +188,7 @@ def worker_loop(config: dict) -> None:
             _report({**row, **latest}, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream,
                     final=False)
     row = {**(curve[-1] if curve else {}), **meter.ledger.to_dict(), "budget_fraction": meter.fraction}
-    row.update(_validation(plain_module, teacher, spec, rank, device))
+    row.update(_validation(plain_module, teacher, spec, rank, device, precision))
     curve.append({**row, "final": True})
     _report(row, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream, final=True)
 
@@ -195,12 +204,12 @@ def _remembered(batches, fetched: collections.deque):
         yield batch
 
 
-def _validation(step_module, teacher, spec: TrialSpec, rank: int, device) -> dict:
+def _validation(step_module, teacher, spec: TrialSpec, rank: int, device, precision: str) -> dict:
     """Validation losses on fixed masks, computed on rank 0 (the others report NaN)."""
     if rank != 0:
         return {"mlm_val_loss": math.nan, "val_loss": math.nan}
     batches = validation_batches(spec.meta_path, spec.per_worker_batch, spec.seed, max_examples=spec.validation_examples)
-    return validation_losses(step_module, (_to(b, device) for b in batches), teacher)
+    return validation_losses(step_module, (_to(b, device) for b in batches), teacher, precision)
 
 
 def _report(row, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream, *, final: bool) -> None:
@@ -228,7 +237,8 @@ def _save(folder: Path, rank: int, step_module, optimizer, meter, curve, counts,
     torch.save({"strategy": module.strategy.state_dict(), "optimizer": optimizer.state_dict()}, folder / "training.pt")
     (folder / STATE_FILE).write_text(json.dumps({"ledger": meter.ledger.to_dict(),
                                                  "last_step_seconds": meter.last_step_seconds,
-                                                 "restored_from": restored}))
+                                                 "restored_from": restored,
+                                                 "device": device_name(next(module.parameters()).device)}))
     with open(folder / CURVE_FILE, "w") as out:
         for row in curve:
             out.write(json.dumps(row) + "\n")
@@ -262,7 +272,8 @@ def run_pretraining(spec: TrialSpec, storage_path: str, name: str, callbacks: li
         strategy = _build(spec)[1]
         actors = start_teacher_actors(spec.teacher_dir, strategy.teacher_needs(), count=spec.actor_count(),
                                       cpus=spec.teacher_actor_cpus, gpus=spec.teacher_actor_gpus,
-                                      dtype=spec.teacher_dtype, num_threads=spec.num_threads)
+                                      dtype=spec.teacher_dtype, num_threads=spec.num_threads,
+                                      precision=spec.precision)
     use_gpu = spec.gpus_per_worker > 0
     resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
@@ -292,7 +303,7 @@ def summarise(checkpoint_path: str, metrics: dict, spec: TrialSpec) -> dict:
     summary = {**state["ledger"], "unique_tokens": metrics["unique_tokens"], "tokens_seen": metrics["tokens_seen"],
                "epochs": metrics["epochs"], "mlm_val_loss": curve[-1]["mlm_val_loss"],
                "kd_loss": curve[-1].get("kd_loss", math.nan), "checkpoint": str(folder / "student"),
-               "curve": curve, "restored_from": state["restored_from"]}
+               "device": state.get("device"), "curve": curve, "restored_from": state["restored_from"]}
     if spec.audit_examples:
         totals = {}
         for path in sorted(folder.glob(f"rank*-{COUNTS_FILE}")):

@@ -64,8 +64,11 @@ def masked_per_sequence(seq_len: int, mask_prob: float, special_ids: dict, vocab
     return int((labels != -100).sum())
 
 
-def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
-    """T_scratch: tokens `scratch` processes at this budget (SPEC §4), from the same charge the trial uses."""
+def scratch_tokens(config: StudyConfig, budget: float, meta: dict, tokens_per_device_second: float | None = None) -> int:
+    """T_scratch: tokens `scratch` processes at this budget (SPEC §4), from the same charge the trial uses.
+
+    A device_seconds budget converts through `tokens_per_device_second` (see `calibration`).
+    """
     train, seq_len = config.train, meta["seq_len"]
     global_batch = train.per_worker_batch * train.workers
     tokens_per_step = global_batch * seq_len
@@ -78,16 +81,19 @@ def scratch_tokens(config: StudyConfig, budget: float, meta: dict) -> int:
                             meta["vocab_size"], global_batch, seq_len, masked).total
         steps = int(budget // charge)
     else:
-        steps = int(budget * config.train.tokens_per_device_second // tokens_per_step)
+        if not tokens_per_device_second:
+            raise ConfigError("train.tokens_per_device_second", "a device_seconds budget needs a measured or given "
+                                                                "rate to size its pool (see raykd.calibration)")
+        steps = int(budget * tokens_per_device_second // tokens_per_step)
     return steps * tokens_per_step
 
 
-def plan_cells(config: StudyConfig, meta: dict) -> list[dict]:
+def plan_cells(config: StudyConfig, meta: dict, tokens_per_device_second: float | None = None) -> list[dict]:
     """The grid: one cell per (budget, repetition, seed, strategy), with its pool size."""
     cells = []
     available = meta["splits"]["train"]["num_examples"]
     for budget in config.budgets:
-        tokens = scratch_tokens(config, budget, meta)
+        tokens = scratch_tokens(config, budget, meta, tokens_per_device_second)
         if tokens == 0 and config.unique_tokens is None:
             raise ConfigError("budgets", f"budget {budget:g} {config.budget_unit} does not pay for one scratch step")
         for repetition in config.repetitions:
@@ -147,8 +153,39 @@ def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_
         cpus_per_worker=train.cpus_per_worker, gpus_per_worker=train.gpus_per_worker, num_threads=train.num_threads,
         per_worker_batch=train.per_worker_batch, mask_prob=config.data.mask_prob, betas=tuple(train.betas),
         eps=train.eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, dropout=train.dropout,
+        precision=train.precision, compile=train.compile,
         checkpoint_every=train.checkpoint_every, eval_points=train.eval_points,
         validation_examples=train.validation_examples)
+
+
+def calibration(config: StudyConfig, meta_path: Path, meta: dict, storage_path: str, key: str,
+                out: Path | None = None) -> dict | None:
+    """Tokens per device-second for a device_seconds study's pools (None for other units or a given pool).
+
+    `train.tokens_per_device_second` overrides; else the rate this study (same key) already
+    recorded in out/study.json, so a resumed study keeps its pools; else a calibration run.
+    """
+    if config.budget_unit != "device_seconds" or config.unique_tokens is not None:
+        return None
+    if config.train.tokens_per_device_second:
+        return {"tokens_per_device_second": config.train.tokens_per_device_second,
+                "source": "config:train.tokens_per_device_second"}
+    recorded = out / STUDY_FILE if out else None
+    if recorded and recorded.is_file():
+        study = json.loads(recorded.read_text())
+        if study.get("key") == key and study.get("calibration"):
+            return study["calibration"]
+    from raykd.calibration import measure_tokens_per_device_second
+
+    start_ray(config)
+    return measure_tokens_per_device_second(
+        trial_spec_fields(config, meta_path, meta, None), config.train.calibration_steps,
+        meta["splits"]["train"]["num_examples"], config.seeds[0], config.train.lr, storage_path,
+        name=f"calibrate-{key}-{int(time.time())}")
+
+
+def _rate(measured: dict | None) -> float | None:
+    return measured["tokens_per_device_second"] if measured else None
 
 
 def pretrain_and_evaluate(trial_config: dict) -> None:
@@ -231,7 +268,7 @@ def evaluate(student_dir: str, study: dict, seed: int) -> dict:
                             epochs=evaluation["epochs"], max_seq_len=evaluation["max_seq_len"], seed=seed,
                             max_train_examples=evaluation["train_examples"],
                             max_eval_examples=evaluation["validation_examples"],
-                            num_threads=study["spec"]["num_threads"])
+                            num_threads=study["spec"]["num_threads"], precision=study["spec"]["precision"])
 
 
 def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
@@ -335,12 +372,14 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cells = plan_cells(config, meta) + control_cells(config)  # pool sizes checked before any training
+    key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
+    measured = calibration(config, meta_path, meta, storage_path, key, out)
+    cells = plan_cells(config, meta, _rate(measured)) + control_cells(config)  # pool sizes checked before the grid
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config, verbose)
-    key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
-    facts = {"chance": chance_levels(config, tasks_dir), "references": {"unigram_entropy": unigram_entropy(meta_path)}}
+    facts = {"calibration": measured, "chance": chance_levels(config, tasks_dir),
+             "references": {"unigram_entropy": unigram_entropy(meta_path)}}
     record_study(out, config, key, **facts)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
@@ -404,9 +443,10 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cell = plan_cells(config, meta)[0]
-    start_ray(config)
     storage_path = storage or str(cache / "runs")
+    measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), "pretrain"))
+    cell = plan_cells(config, meta, _rate(measured))[0]
+    start_ray(config)
     teacher_dir = ensure_teacher(config, meta_path, cache, storage_path)[0] if needs_teacher(cell["strategy"]) else None
     from raykd.ray_train import TrialSpec, run_pretraining
 
@@ -461,8 +501,10 @@ def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, ca
     storage_path = storage or str(out / "ray")
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     start_ray(config)
+    measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), str(out)), out)
+    cells = [c for c in plan_cells(config, meta, _rate(measured))
+             if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
     teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
                    if any(needs_teacher(cell["strategy"]) for cell in cells) else None)
     key = config_hash(config.to_dict(), str(out), "tune")

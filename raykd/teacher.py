@@ -6,7 +6,9 @@ through a client with two calls, `request` (as early as possible) and
 - `ColocatedTeacher`: the teacher inside the training worker (as in the paper);
 - `ActorTeacher`: a pool of `TeacherActor`s in their own processes, with their
   own CPU/GPU share, working on batch k+1 while the student runs step k.
-The teacher always runs in eval mode: dropout off, whatever its config says.
+The teacher always runs in eval mode: dropout off, whatever its config says,
+under `inference_mode` and in the training precision (`train.precision`):
+bf16 autocast on CUDA by default.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import ray
 import torch
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
+from raykd.device import autocast, enable_tf32
 from raykd.models import Captured, ForwardNeeds, encode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,16 +27,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class LocalTeacher:
     """A frozen masked LM answering `outputs(batch)` for one strategy's needs."""
 
-    def __init__(self, model: BertForMaskedLM, needs: ForwardNeeds, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: BertForMaskedLM, needs: ForwardNeeds, dtype: torch.dtype = torch.float32,
+                 precision: str = "auto"):
         self.model = model.eval().requires_grad_(False)
         self.needs = needs
-        self.dtype = dtype
+        self.dtype = dtype  # what is sent back; `precision` is what the forward computes in
+        self.precision = precision
 
     @torch.inference_mode()
     def outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 masked_positions: torch.Tensor | None) -> Captured:
         """Teacher outputs for one batch, cast to the transport dtype."""
-        captured = encode(self.model, input_ids, attention_mask, self.needs, masked_positions)
+        with autocast(self.precision, input_ids.device):
+            captured = encode(self.model, input_ids, attention_mask, self.needs, masked_positions)
         return moved(captured, dtype=self.dtype)
 
 
@@ -75,11 +81,13 @@ class ColocatedTeacher(Teacher):
 class TeacherActor:
     """A teacher in its own process; if it dies Ray restarts it and retries the pending call."""
 
-    def __init__(self, teacher_dir: str, needs: ForwardNeeds, dtype: str, num_threads: int):
+    def __init__(self, teacher_dir: str, needs: ForwardNeeds, dtype: str, num_threads: int, precision: str = "auto"):
         torch.set_num_threads(num_threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            enable_tf32()
         model = AutoModelForMaskedLM.from_pretrained(teacher_dir).to(self.device)
-        self.teacher = LocalTeacher(model, needs, DTYPES[dtype])
+        self.teacher = LocalTeacher(model, needs, DTYPES[dtype], precision)
 
     def outputs(self, input_ids, attention_mask, masked_positions) -> Captured:
         def to_device(t):
@@ -112,9 +120,9 @@ class ActorTeacher(Teacher):
 
 
 def start_teacher_actors(teacher_dir: str, needs: ForwardNeeds, *, count: int, cpus: float, gpus: float,
-                         dtype: str, num_threads: int) -> list:
+                         dtype: str, num_threads: int, precision: str = "auto") -> list:
     """Start `count` teacher actors and wait until each has loaded the model."""
-    actors = [TeacherActor.options(num_cpus=cpus, num_gpus=gpus).remote(teacher_dir, needs, dtype, num_threads)
+    actors = [TeacherActor.options(num_cpus=cpus, num_gpus=gpus).remote(teacher_dir, needs, dtype, num_threads, precision)
               for _ in range(count)]
     ray.get([actor.pid.remote() for actor in actors])
     return actors

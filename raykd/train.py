@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from raykd.budget import BudgetMeter, StepCharge, lr_at
+from raykd.device import autocast, grad_scaler
 from raykd.flops import step_flops
 from raykd.models import Captured, ForwardNeeds, ModelShape, encode
 from raykd.strategies.base import Strategy, mlm_loss
@@ -45,10 +46,16 @@ def prepare_batch(batch: dict) -> dict:
 def make_optimizer(module: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
                    weight_decay: float = 0.01, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW (defaults: the paper's pretraining); every matrix is weight-decayed, biases and
-    LayerNorm weights (the 1-D parameters) are not. Used for pretraining and fine-tuning."""
+    LayerNorm weights (the 1-D parameters) are not. Used for pretraining and fine-tuning.
+
+    fused=None: the fused kernel (one launch for all parameters) where every parameter is on
+    CUDA; build the optimizer after moving `module` to its device.
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    if fused is None:
+        fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
@@ -92,18 +99,22 @@ def pretrain(
     world_size: int = 1,
     max_grad_norm: float = 1.0,
     dropout_seed: int | None = None,
+    precision: str = "fp32",
 ) -> Iterator[StepReport]:
     """Train until the next step would exceed the budget, yielding a report after each step.
 
-    `step_module` is a `StudentStep`, possibly wrapped in DDP. `reduce_sum`
-    sums a tensor over training workers, so every worker charges the global
-    step and all stop at the same step. The teacher is asked for batch k+1
-    before step k runs, so a teacher actor works while the student does.
+    `step_module` is a `StudentStep`, possibly wrapped in DDP or compiled.
+    `reduce_sum` sums a tensor over training workers, so every worker charges
+    the global step and all stop at the same step. The teacher is asked for
+    batch k+1 before step k runs, so a teacher actor works while the student
+    does. The forward and loss run under `precision`'s autocast (see raykd.device).
     With `dropout_seed`, the torch RNG that draws dropout masks is reseeded before
     each step from (dropout_seed, step): a step's masks depend on nothing else, so a
     run resumed from a checkpoint at step k draws what the uninterrupted run drew.
     """
     iterator = iter(batches)
+    device = next(step_module.parameters()).device
+    scaler = grad_scaler(precision, device)
 
     def fetch():
         batch = prepare_batch(next(iterator))
@@ -126,12 +137,15 @@ def pretrain(
         teacher_outputs = teacher.collect(handle) if teacher is not None else None
         if dropout_seed is not None:
             torch.manual_seed(derived_seed(dropout_seed, meter.ledger.steps))
-        loss, parts = step_module(batch, teacher_outputs)
+        with autocast(precision, device):
+            loss, parts = step_module(batch, teacher_outputs)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if max_grad_norm:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(step_module.parameters(), max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         now = time.perf_counter()
         # Device time: every worker charges the mean wall time of the step.
         seconds = float(reduce_sum(torch.tensor([now - last], dtype=torch.float64))[0]) / world_size
@@ -144,9 +158,10 @@ def pretrain(
 
 
 @torch.no_grad()
-def validation_losses(step_module: StudentStep, batches: Iterable[dict], teacher: Teacher | None = None) -> dict:
+def validation_losses(step_module: StudentStep, batches: Iterable[dict], teacher: Teacher | None = None,
+                      precision: str = "fp32") -> dict:
     """On held-out batches with fixed masks: the MLM loss (nats per masked token) and the
-    strategy's own objective (`val_loss`; equal to the MLM loss for `scratch`)."""
+    strategy's own objective (`val_loss`; equal to the MLM loss for `scratch`), forwards in `precision`."""
     student, strategy = step_module.student, step_module.strategy
     needs = strategy.student_needs().union(ForwardNeeds(masked_logits=True))
     was_training = step_module.training
@@ -154,12 +169,13 @@ def validation_losses(step_module: StudentStep, batches: Iterable[dict], teacher
     mlm_total, masked, objective_total, sequences = 0.0, 0, 0.0, 0
     for raw in batches:
         batch = prepare_batch(raw)
-        captured = encode(student, batch["input_ids"], batch["attention_mask"], needs, batch["masked_positions"])
+        outputs = teacher.collect(teacher.request(batch)) if teacher is not None else None
+        with autocast(precision, batch["input_ids"].device):
+            captured = encode(student, batch["input_ids"], batch["attention_mask"], needs, batch["masked_positions"])
+            objective, _ = strategy.loss(captured, outputs, batch)
         n = int(batch["masked_targets"].numel())
         mlm_total += float(mlm_loss(captured.masked_logits, batch["masked_targets"])) * n
         masked += n
-        outputs = teacher.collect(teacher.request(batch)) if teacher is not None else None
-        objective, _ = strategy.loss(captured, outputs, batch)
         objective_total += float(objective) * len(batch["input_ids"])
         sequences += len(batch["input_ids"])
     step_module.train(was_training)

@@ -1,16 +1,20 @@
-"""The shared forward pass, the HF round trip, and the analytic FLOP model against FlopCounterMode."""
+"""The shared forward pass (fused and explicit attention, fp32 and bf16), the HF round trip,
+and the analytic FLOP model against FlopCounterMode."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForMaskedLM
 
-from raykd.flops import forward_flops, step_flops
+from raykd.device import autocast
+from raykd.flops import count_fused_cpu_attention, forward_flops, step_flops
 from raykd.models import ForwardNeeds, ModelShape, build_masked_lm, encode
 from raykd.strategies import STRATEGIES, build_strategy
 from raykd.teacher import ColocatedTeacher, LocalTeacher
 from raykd.train import StudentStep, prepare_batch
 
 STUDENT, TEACHER, VOCAB, SEQ = ModelShape(2, 32, 2, 64), ModelShape(4, 48, 2, 96), 97, 16
+TEACHER_SHAPES = pytest.mark.parametrize("teacher_shape", [TEACHER, ModelShape(4, 32, 2, 64)], ids=["wider", "same-width"])
+count_fused_cpu_attention()  # else FlopCounterMode counts CPU fused attention (teacher, eval) as 0
 
 
 def random_batch(sequences=3, length=SEQ, vocab=VOCAB, seed=0, pad_tail=0):
@@ -85,7 +89,7 @@ def counted_step_flops(name, student_shape, teacher_shape, options, batch):
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-@pytest.mark.parametrize("teacher_shape", [TEACHER, ModelShape(4, 32, 2, 64)], ids=["wider", "same-width"])
+@TEACHER_SHAPES
 def test_analytic_flops_agree_with_the_counter(name, teacher_shape):
     counted, analytic = counted_step_flops(name, STUDENT, teacher_shape, {"relation_heads": 4}, random_batch(pad_tail=3))
     assert analytic.total == pytest.approx(counted, rel=0.05)
@@ -109,3 +113,89 @@ def test_forward_flops_hand_count():
     # 1 layer, d=2, ff=4, V=10, one sequence of 3 tokens, 1 masked position.
     flops = forward_flops(ModelShape(1, 2, 1, 4), 10, ForwardNeeds(masked_logits=True), 1, 3, 1)
     assert flops == 3 * 2 * (4 * 4 + 2 * 2 * 4) + 2 * 2 * 3 * 3 * 2 + 2 * (4 + 20)
+
+
+def strategy_loss(name, teacher_shape, batch, *, fused=True, precision="fp32", sharpen=1.0):
+    """A strategy's loss on fresh eval-mode models (dropout off), every forward fused or explicit.
+
+    sharpen scales every weight matrix, so attention and MiniLM's relations are far
+    from uniform (at initialisation the MiniLM KL is ~1e-3 nats, too small to compare).
+    """
+    student = build_masked_lm(STUDENT, VOCAB, SEQ, seed=0).eval()
+    teacher = build_masked_lm(teacher_shape, VOCAB, SEQ, seed=1).eval()
+    with torch.no_grad():
+        for param in [*student.parameters(), *teacher.parameters()]:
+            if param.ndim == 2:
+                param.mul_(sharpen)
+    torch.manual_seed(0)  # TinyBERT's projection heads
+    strategy = build_strategy(name, STUDENT, teacher_shape, {"relation_heads": 4})
+    ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["masked_positions"]
+    with autocast(precision, "cpu"):
+        needs = strategy.teacher_needs()
+        with torch.no_grad():
+            teacher_out = encode(teacher, ids, mask, needs, positions, fused_attention=fused) if needs else None
+        student_out = encode(student, ids, mask, strategy.student_needs(), positions, fused_attention=fused)
+        loss, _ = strategy.loss(student_out, teacher_out, batch)
+    return loss, student, student_out
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@TEACHER_SHAPES
+def test_fused_and_explicit_attention_give_the_same_loss_and_gradients(name, teacher_shape):
+    batch = prepare_batch(random_batch(pad_tail=5))
+    results = [strategy_loss(name, teacher_shape, batch, fused=fused, sharpen=5.0) for fused in (True, False)]
+    (fused_loss, fused_model, fused_out), (loss, model, out) = results
+    torch.testing.assert_close(fused_loss, loss, rtol=0, atol=1e-5)  # fp32; measured max 4.8e-7
+    # What strategies read is unchanged: hidden states, Q/K/V and the scores of the layers that keep them.
+    for kept, reference in ((fused_out.hidden, out.hidden), (fused_out.scores, out.scores), (fused_out.qkv, out.qkv)):
+        assert kept.keys() == reference.keys()
+        for layer in kept:
+            torch.testing.assert_close(kept[layer], reference[layer], rtol=0, atol=1e-5)
+    fused_loss.backward()
+    loss.backward()
+    for (param_name, a), b in zip(fused_model.named_parameters(), model.parameters()):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=param_name)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@TEACHER_SHAPES
+def test_bf16_autocast_losses_are_within_one_percent_of_fp32(name, teacher_shape):
+    batch = prepare_batch(random_batch(pad_tail=5))
+    fp32 = float(strategy_loss(name, teacher_shape, batch, sharpen=5.0)[0].detach())
+    bf16 = float(strategy_loss(name, teacher_shape, batch, precision="bf16", sharpen=5.0)[0].detach())
+    # bf16 keeps 8 significant bits (relative rounding 2**-9); measured differences 0.03-0.3 %.
+    assert bf16 == pytest.approx(fp32, rel=1e-2)
+    assert bf16 != fp32  # autocast really ran in bf16
+
+
+def test_fused_attention_still_drops_attention_probabilities_in_training():
+    model = build_masked_lm(STUDENT, VOCAB, SEQ, seed=0, dropout=0.0)
+    batch = random_batch(pad_tail=5)
+    needs = ForwardNeeds(hidden_layers=(2,))
+
+    def top_hidden(training, attention_dropout, seed=0):
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.dropout.p = attention_dropout
+        model.train(training)
+        torch.manual_seed(seed)
+        return encode(model, batch["input_ids"], batch["attention_mask"], needs).hidden[2]
+
+    evaluated = top_hidden(False, 0.5)
+    assert torch.equal(top_hidden(True, 0.0), evaluated)  # no other dropout in this model
+    dropped = top_hidden(True, 0.5)
+    assert not torch.allclose(dropped, evaluated, atol=1e-3)
+    assert torch.equal(top_hidden(True, 0.5), dropped)  # seeded like any dropout
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_the_flop_count_does_not_depend_on_the_attention_kernel(name):
+    batch = prepare_batch(random_batch(pad_tail=3))
+    counts = {}
+    for fused in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            strategy_loss(name, TEACHER, batch, fused=fused)[0].backward()
+        counts[fused] = counter.get_flop_counts()["Global"]
+    assert sum(counts[True].values()) == sum(counts[False].values())
+    # On CPU with dropout off, the fused path really ran the fused kernel.
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in counts[True]
