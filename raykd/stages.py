@@ -34,10 +34,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RAYKD_CACHE", Path.home() / ".cache" / "raykd"))
 
 
-def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
-    """Tokenizer and Parquet shards of the corpus; returns the meta.json path."""
+def prepare_data(config: StudyConfig, cache_dir: Path, storage_path: str | None = None) -> Path:
+    """Tokenizer and Parquet shards of the corpus; returns the meta.json path in the cache.
+
+    A corpus already published to `storage_path` (by an earlier driver, e.g. before the
+    head node was replaced) is downloaded rather than built again.
+    """
     data = config.data
     out = cache_dir / f"data-{config_hash(asdict(data))}"
+    if storage_path is not None and not (out / META_FILE).exists():
+        fetch_stage(out, storage_path)
     source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
     try:
         return _prepare_corpus(out, source, data)
@@ -76,6 +82,18 @@ def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
 def publish_stage(stage_dir: Path, storage_path: str) -> str:
     """The URI of a finished stage folder in the storage, copying it there the first time."""
     return storage.publish(stage_dir, storage.stage_uri(storage_path, Path(stage_dir).name))
+
+
+def fetch_stage(out: Path, storage_path: str) -> bool:
+    """Copy a stage published in the storage into the cache folder `out`; False if none is published."""
+    stage = storage.stage_uri(storage_path, out.name)
+    if not storage.is_published(stage):
+        return False
+    staging = _staging(out)
+    storage.download(stage, staging)
+    (staging / storage.PUBLISHED).unlink()
+    _publish(staging, out)
+    return True
 
 
 def publish_data(meta_path: Path, storage_path: str) -> str:

@@ -290,7 +290,7 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
     check_output(out, resume)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage_root(storage, out / "ray")
-    meta_path = prepare_data(config, cache)
+    meta_path = prepare_data(config, cache, storage_path)
     meta = load_meta(meta_path)
     cells = plan_cells(config, meta)  # pool sizes checked against the corpus before any training
     tuned, tuned_source = learning_rates(config, out)
@@ -391,7 +391,7 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     out = Path(out).resolve()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage_root(storage, out / "ray")
-    meta_path = prepare_data(config, cache)
+    meta_path = prepare_data(config, cache, storage_path)
     meta = load_meta(meta_path)
     start_ray(config)
     cells = [c for c in plan_cells(config, meta) if c["repetition"] == config.repetitions[0] and c["seed"] == config.seeds[0]]
