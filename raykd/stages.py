@@ -102,16 +102,21 @@ def publish_data(meta_path: Path, storage_path: str) -> str:
 
 
 def publish_tasks(tasks_dir: Path | None, storage_path: str) -> str | None:
-    """The storage URI of the task files: generated tasks go as their stage; a user's folder is
-    copied under a hash of its path and files (a URI is taken as is)."""
+    """The storage URI of the task files: generated tasks go as their stage, a user's folder by
+    `publish_folder` (a URI is taken as is)."""
     if tasks_dir is None or "://" in str(tasks_dir):
         return None if tasks_dir is None else str(tasks_dir)
-    tasks_dir = Path(tasks_dir).resolve()
-    if tasks_dir.name.startswith("tasks-"):
-        return publish_stage(tasks_dir, storage_path)
-    listing = sorted((str(p.relative_to(tasks_dir)), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in tasks_dir.rglob("*") if p.is_file())
-    return storage.publish(tasks_dir, storage.stage_uri(storage_path, f"tasks-{config_hash(str(tasks_dir), listing)}"))
+    if Path(tasks_dir).name.startswith("tasks-"):
+        return publish_stage(Path(tasks_dir), storage_path)
+    return publish_folder(Path(tasks_dir), "tasks", storage_path)
+
+
+def publish_folder(folder: Path, stage: str, storage_path: str) -> str:
+    """Publish a user's folder as `<stage>-<hash of its path, file names, sizes and mtimes>`."""
+    folder = folder.resolve()
+    listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return storage.publish(folder, storage.stage_uri(storage_path, f"{stage}-{config_hash(str(folder), listing)}"))
 
 
 def teacher_key(config: StudyConfig, meta_path: Path) -> str:
@@ -135,10 +140,8 @@ def ensure_teacher(config: StudyConfig, meta_path: Path, cache_dir: Path, storag
     teacher = config.teacher
     if teacher.source != "pretrain":
         check_teacher_shape(teacher.source, config)
-        if Path(teacher.source).is_dir():
-            source = Path(teacher.source).resolve()
-            name = f"teacher-{config_hash(str(source), sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in source.iterdir()))}"
-            return storage.publish(source, storage.stage_uri(storage_path, name)), True
+        if Path(teacher.source).is_dir():  # a folder on the driver's disk: the workers get it from the storage
+            return publish_folder(Path(teacher.source), "teacher", storage_path), True
         return teacher.source, True
     out = cache_dir / f"teacher-{teacher_key(config, meta_path)}"
     stage = storage.stage_uri(storage_path, out.name)
@@ -163,7 +166,8 @@ def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, na
     train = config.train
     spec = TrialSpec(
         strategy="scratch", budget=config.teacher.budget, budget_unit=config.teacher.budget_unit,
-        meta_path=publish_data(meta_path, storage_path), unique_examples=meta["splits"]["train"]["num_examples"], seed=config.data.seed,
+        meta_path=publish_data(meta_path, storage_path), unique_examples=meta["splits"]["train"]["num_examples"],
+        seed=config.data.seed,
         student=asdict(config.teacher.shape), vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
         peak_lr=config.teacher.lr, workers=train.workers, cpus_per_worker=train.cpus_per_worker,
         gpus_per_worker=train.gpus_per_worker, num_threads=config.teacher.pretrain_threads or train.num_threads,

@@ -153,7 +153,8 @@ class Storage:
         found = {}
         for uri in self.storage.list_files(self.storage.join(self.uri, "studies", key, "trials"), ".json"):
             info = fs.get_file_info(self.storage.filesystem(uri)[1])
-            found[uri.rsplit("/", 1)[1].removesuffix(".json")] = (json.loads(self.storage.read_text(uri)), info.mtime_ns)
+            row = json.loads(self.storage.read_text(uri))
+            found[row["trial_id"]] = (row, info.mtime_ns)
         return found
 
     def checkpoints(self, key, trial_id) -> dict:
