@@ -20,12 +20,15 @@ Usage (run again whenever your IP changes; it replaces the SSH rule):
 The SSH source must be one host or a narrow network (IPv4 /16 or narrower, IPv6 /48 or
 narrower); anything wider needs ``--allow-wide-ssh``.
 
-It prints the security group id to paste into cluster/aws.yaml.
+It writes the security group id into cluster/aws.yaml (``--cluster-config``), so
+``ray up cluster/aws.yaml`` needs no hand edit.
 """
 import argparse
 import ipaddress
 import json
+import os
 import re
+from pathlib import Path
 
 import boto3
 
@@ -64,6 +67,9 @@ EC2_TRUST_POLICY = {
     ],
 }
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+CLUSTER_CONFIG = Path(__file__).resolve().parent / "aws.yaml"
+# The one line of the cluster config naming the group; every node type refers to its anchor.
+SECURITY_GROUP_LINE = re.compile(r"^(\s*SecurityGroupIds: &cluster_security_group )\[[^\]\n]*\]", re.M)
 
 
 def ssh_network(ssh_cidr, allow_wide=False):
@@ -265,8 +271,32 @@ def ensure_instance_profiles(iam, bucket):
     return {"head": HEAD_PROFILE, "worker": WORKER_PROFILE}
 
 
+def security_group_line(cluster_config):
+    """Check that ``cluster_config`` has the one line the group id goes into; return its text."""
+    path = Path(cluster_config)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"--cluster-config {path}: {error.strerror}") from None
+    if len(SECURITY_GROUP_LINE.findall(text)) != 1:
+        raise ValueError(
+            f"--cluster-config {path}: needs exactly one line "
+            "'SecurityGroupIds: &cluster_security_group [...]' to write the group id into"
+        )
+    return text
+
+
+def write_security_group(cluster_config, group_id):
+    """Put ``group_id`` into the cluster config's security group line (comments and all else kept)."""
+    path = Path(cluster_config)
+    text = SECURITY_GROUP_LINE.sub(rf"\g<1>[{group_id}]", security_group_line(path))
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
 def main(argv=None):
-    """Command line: set up the security group and instance profiles, print what to paste."""
+    """Command line: set up the security group and instance profiles, write the group id into the cluster config."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--region", required=True, help="AWS region, as in cluster/aws.yaml")
     parser.add_argument("--ssh-cidr", required=True, help="who may SSH in, e.g. your IP/32")
@@ -274,22 +304,25 @@ def main(argv=None):
     parser.add_argument("--vpc-id", help="VPC for the security group (default: the default VPC)")
     parser.add_argument("--allow-wide-ssh", action="store_true",
                         help="accept an SSH source wider than IPv4 /16 (IPv6 /48)")
+    parser.add_argument("--cluster-config", default=str(CLUSTER_CONFIG),
+                        help="the cluster YAML that gets the group id (default: cluster/aws.yaml)")
     args = parser.parse_args(argv)
 
-    # Validate both inputs before touching the account.
+    # Validate every input before touching the account.
     ssh_network(args.ssh_cidr, args.allow_wide_ssh)
     results_bucket_policy(args.bucket)
+    security_group_line(args.cluster_config)
     group_id = ensure_security_group(
         boto3.client("ec2", region_name=args.region), args.ssh_cidr, args.vpc_id, args.allow_wide_ssh
     )
     profiles = ensure_instance_profiles(boto3.client("iam", region_name=args.region), args.bucket)
+    write_security_group(args.cluster_config, group_id)
     print(
         f"security group {group_id} ({SECURITY_GROUP_NAME}): SSH from {args.ssh_cidr}, "
         "all traffic between cluster nodes, nothing else\n"
         f"instance profiles: {profiles['head']} (head), {profiles['worker']} (workers), "
         f"read/write on s3://{args.bucket}\n"
-        "Put the group id into cluster/aws.yaml:\n"
-        f"      SecurityGroupIds: &cluster_security_group [{group_id}]"
+        f"{args.cluster_config} now uses {group_id}: ray up {args.cluster_config}"
     )
 
 

@@ -17,6 +17,7 @@ pending call retried. Re-running the same `name` at the same storage resumes.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import tempfile
@@ -31,12 +32,13 @@ import torch.distributed as dist
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoModelForMaskedLM
 
+from raykd import storage
 from raykd.budget import BudgetMeter, Ledger
 from raykd.data.stream import PretrainStream, validation_batches
 from raykd.device import device_name, enable_tf32, resolve_precision
 from raykd.models import ModelShape, build_masked_lm
 from raykd.strategies import build_strategy, needs_teacher
-from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, start_teacher_actors
+from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, model_folder, start_teacher_actors
 from raykd.train import StudentStep, derived_seed, make_optimizer, pretrain, validation_losses
 
 STATE_FILE = "state.json"
@@ -144,7 +146,7 @@ def worker_loop(config: dict) -> None:
     if needs is not None and spec.teacher_placement == "actor":
         teacher = ActorTeacher(config["teacher_actors"], needs, rank=rank, device=str(device))
     elif needs is not None:
-        model = AutoModelForMaskedLM.from_pretrained(spec.teacher_dir).to(device)
+        model = AutoModelForMaskedLM.from_pretrained(model_folder(spec.teacher_dir)).to(device)
         teacher = ColocatedTeacher(LocalTeacher(model, needs, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                                 precision))
 
@@ -292,22 +294,25 @@ def run_pretraining(spec: TrialSpec, storage_path: str, name: str, callbacks: li
     finally:
         for actor in actors:
             ray.kill(actor)
-    return summarise(result.checkpoint.path, result.metrics, spec)
+    return summarise(storage.uri_of(storage_path, result.checkpoint.path), result.metrics, spec)
 
 
-def summarise(checkpoint_path: str, metrics: dict, spec: TrialSpec) -> dict:
-    """The trial's row: ledger in every unit, data counts, losses and where the student is."""
-    folder = Path(checkpoint_path)
-    state = json.loads((folder / STATE_FILE).read_text())
-    curve = [json.loads(line) for line in (folder / CURVE_FILE).read_text().splitlines() if line]
+def summarise(checkpoint: str, metrics: dict, spec: TrialSpec) -> dict:
+    """The trial's row: ledger in every unit, data counts, losses and where the student is.
+
+    `checkpoint` is the final checkpoint's URI in the storage; only its small files are read
+    here, and the student stays there (its URI is the row's `checkpoint`).
+    """
+    state = json.loads(storage.read_text(storage.join(checkpoint, STATE_FILE)))
+    curve = [json.loads(line) for line in storage.read_text(storage.join(checkpoint, CURVE_FILE)).splitlines() if line]
     summary = {**state["ledger"], "unique_tokens": metrics["unique_tokens"], "tokens_seen": metrics["tokens_seen"],
                "epochs": metrics["epochs"], "mlm_val_loss": curve[-1]["mlm_val_loss"],
-               "kd_loss": curve[-1].get("kd_loss", math.nan), "checkpoint": str(folder / "student"),
+               "kd_loss": curve[-1].get("kd_loss", math.nan), "checkpoint": storage.join(checkpoint, "student"),
                "device": state.get("device"), "curve": curve, "restored_from": state["restored_from"]}
     if spec.audit_examples:
         totals = {}
-        for path in sorted(folder.glob(f"rank*-{COUNTS_FILE}")):
-            ids, values = np.load(path)
+        for uri in storage.list_files(checkpoint, f"-{COUNTS_FILE}"):
+            ids, values = np.load(io.BytesIO(storage.read_bytes(uri)))
             for example, value in zip(ids.tolist(), values.tolist()):
                 totals[example] = totals.get(example, 0) + value
         summary["example_counts"] = totals

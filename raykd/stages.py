@@ -1,8 +1,11 @@
 """The stages before the grid: corpus shards, embedded tasks, the teacher — each cached by config hash.
 
-Every stage writes into `cache_dir/<stage>-<hash>/` and finishes by an atomic
-rename, so an interrupted stage leaves nothing that looks finished, and a
-second run (or trial) with the same configuration reuses the result.
+Every stage writes into the driver's `cache_dir/<stage>-<hash>/` and finishes
+by an atomic rename, so an interrupted stage leaves nothing that looks
+finished, and a second run (or trial) with the same configuration reuses the
+result. Trials never read the driver's cache: `publish_stage` copies a stage
+to `<storage>/stages/<stage>-<hash>/` (see `raykd.storage`), and trials get
+storage URIs.
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from raykd import storage
 from raykd.config import ConfigError, StudyConfig
-from raykd.data.shards import load_meta, prepare_corpus
+from raykd.data.shards import META_FILE, load_meta, prepare_corpus
 
 TEACHER_MODEL = "model"
 TEACHER_RECORD = "teacher.json"
@@ -51,10 +55,16 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_data(config: StudyConfig, cache_dir: Path) -> Path:
-    """Tokenizer and Parquet shards of the corpus; returns the meta.json path."""
+def prepare_data(config: StudyConfig, cache_dir: Path, storage_path: str | None = None) -> Path:
+    """Tokenizer and Parquet shards of the corpus; returns the meta.json path in the cache.
+
+    A corpus already published to `storage_path` (by an earlier driver, e.g. before the
+    head node was replaced) is downloaded rather than built again.
+    """
     data = config.data
     out = cache_dir / f"data-{data_key(data)}"
+    if storage_path is not None and not (out / META_FILE).exists():
+        fetch_stage(out, storage_path)
     source = {"synthetic": "synthetic", "files": "files", "hub": "datasets"}[data.source]
     try:
         return _prepare_corpus(out, source, data)
@@ -97,6 +107,46 @@ def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
     return out
 
 
+def publish_stage(stage_dir: Path, storage_path: str) -> str:
+    """The URI of a finished stage folder in the storage, copying it there the first time."""
+    return storage.publish(stage_dir, storage.stage_uri(storage_path, Path(stage_dir).name))
+
+
+def fetch_stage(out: Path, storage_path: str) -> bool:
+    """Copy a stage published in the storage into the cache folder `out`; False if none is published."""
+    stage = storage.stage_uri(storage_path, out.name)
+    if not storage.is_published(stage):
+        return False
+    staging = _staging(out)
+    storage.download(stage, staging)
+    (staging / storage.PUBLISHED).unlink()
+    _publish(staging, out)
+    return True
+
+
+def publish_data(meta_path: Path, storage_path: str) -> str:
+    """The storage URI of the corpus' meta.json (shards and tokenizer beside it)."""
+    return storage.join(publish_stage(Path(meta_path).parent, storage_path), META_FILE)
+
+
+def publish_tasks(tasks_dir: Path | None, storage_path: str) -> str | None:
+    """The storage URI of the task files: generated tasks go as their stage, a user's folder by
+    `publish_folder` (a URI is taken as is)."""
+    if tasks_dir is None or "://" in str(tasks_dir):
+        return None if tasks_dir is None else str(tasks_dir)
+    if Path(tasks_dir).name.startswith("tasks-"):
+        return publish_stage(Path(tasks_dir), storage_path)
+    return publish_folder(Path(tasks_dir), "tasks", storage_path)
+
+
+def publish_folder(folder: Path, stage: str, storage_path: str) -> str:
+    """Publish a user's folder as `<stage>-<hash of its path, file names, sizes and mtimes>`."""
+    folder = folder.resolve()
+    listing = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in folder.rglob("*") if p.is_file())
+    return storage.publish(folder, storage.stage_uri(storage_path, f"{stage}-{config_hash(str(folder), listing)}"))
+
+
 def teacher_key(config: StudyConfig, meta_path: Path) -> str:
     """What identifies a self-pretrained teacher: its shape, budget, LR, the data and the batch."""
     teacher = config.teacher
@@ -107,33 +157,40 @@ def teacher_key(config: StudyConfig, meta_path: Path) -> str:
 
 
 def ensure_teacher(config: StudyConfig, meta_path: Path, cache_dir: Path, storage_path: str) -> tuple[str, bool]:
-    """The teacher's HF directory (or hub name) and whether a cached one was reused.
+    """Where trials load the teacher from (a storage URI, or the hub name) and whether a cached one was reused.
 
     source "pretrain": pretrain with `scratch` at the teacher's budget, once per
-    configuration hash; later trials and runs reuse it. Otherwise the source
-    is a local path or a hub name, loaded as an HF masked LM and checked
-    against `teacher.shape`.
+    configuration hash, as a Ray Train run on the worker nodes reading the corpus
+    from the storage; the driver keeps a copy in its cache and publishes it to the
+    storage, where later trials and runs find it. Otherwise the source is a local
+    path (published to the storage) or a hub name, loaded as an HF masked LM and
+    checked against `teacher.shape`.
     """
     teacher = config.teacher
     if teacher.source != "pretrain":
         check_teacher_shape(teacher.source, config)
+        if Path(teacher.source).is_dir():  # a folder on the driver's disk: the workers get it from the storage
+            return publish_folder(Path(teacher.source), "teacher", storage_path), True
         return teacher.source, True
     out = cache_dir / f"teacher-{teacher_key(config, meta_path)}"
-    if (out / TEACHER_RECORD).exists():
-        return str(out / TEACHER_MODEL), True
-    summary = pretrain_teacher(config, meta_path, storage_path, name=out.name)
-    staging = _staging(out)
-    shutil.copytree(summary["checkpoint"], staging / TEACHER_MODEL)
-    record = {k: v for k, v in summary.items() if k not in ("curve", "checkpoint")}
-    (staging / TEACHER_RECORD).write_text(json.dumps({"config": asdict(teacher), **record}, indent=1))
-    _publish(staging, out)
-    return str(out / TEACHER_MODEL), False
+    stage = storage.stage_uri(storage_path, out.name)
+    if storage.is_published(stage):
+        return storage.join(stage, TEACHER_MODEL), True
+    reused = (out / TEACHER_RECORD).exists()
+    if not reused:
+        summary = pretrain_teacher(config, meta_path, storage_path, name=out.name)
+        staging = _staging(out)
+        storage.download(summary["checkpoint"], staging / TEACHER_MODEL)
+        record = {k: v for k, v in summary.items() if k not in ("curve", "checkpoint")}
+        (staging / TEACHER_RECORD).write_text(json.dumps({"config": asdict(teacher), **record}, indent=1))
+        _publish(staging, out)
+    return storage.join(storage.publish(out, stage), TEACHER_MODEL), reused
 
 
 def teacher_record(teacher_dir: str) -> dict | None:
     """The pretraining record of a self-pretrained teacher (ledger, MLM validation loss); None for a given one."""
-    path = Path(teacher_dir).parent / TEACHER_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = storage.join(str(teacher_dir).rstrip("/").rsplit("/", 1)[0], TEACHER_RECORD)
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
 
 
 def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, name: str) -> dict:
@@ -144,7 +201,8 @@ def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, na
     train = config.train
     spec = TrialSpec(
         strategy="scratch", budget=config.teacher.budget, budget_unit=config.teacher.budget_unit,
-        meta_path=str(meta_path), unique_examples=meta["splits"]["train"]["num_examples"], seed=config.data.seed,
+        meta_path=publish_data(meta_path, storage_path), unique_examples=meta["splits"]["train"]["num_examples"],
+        seed=config.data.seed,
         student=asdict(config.teacher.shape), vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
         peak_lr=config.teacher.lr, workers=train.workers, cpus_per_worker=train.cpus_per_worker,
         gpus_per_worker=train.gpus_per_worker, num_threads=config.teacher.pretrain_threads or train.num_threads,

@@ -7,9 +7,13 @@
    `TorchTrainer` (Train V2 inside a Tune function) and then fine-tunes the
    student on every task;
 4. each finished trial's row is written at once, atomically, to
-   `out/trials/<trial_id>.json`, and `out/results.parquet` is rebuilt from them.
-`--resume` skips the cells that have a row; an interrupted cell resumes from
-its last Train checkpoint (its Train run name is deterministic).
+   `out/trials/<trial_id>.json` and to `<storage>/studies/<key>/trials/`, and
+   `out/results.parquet` is rebuilt from them.
+Trials read only from the storage (`raykd.storage`): the stages are published
+there, the students are checkpointed there, and evaluation downloads them.
+`--resume` skips the cells that have a row (in `out` or in the storage: a new
+head node with an empty `out` finds them there); an interrupted cell resumes
+from its last Train checkpoint in the storage (its Train run name is deterministic).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import pandas as pd
 import ray
 from ray import tune
 
+from raykd import storage as store
 from raykd.config import CONTROLS, ConfigError, StudyConfig
 from raykd.data.masking import mask_batch
 from raykd.data.shards import load_meta, unigram_entropy
@@ -33,13 +38,16 @@ from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
 from raykd.io import atomic_path, atomic_write_text
 from raykd.strategies import build_strategy, needs_teacher
-from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks,
-                          teacher_record)
+from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks, publish_data,
+                          publish_tasks, teacher_record)
 from raykd.study_folder import bound_fields, check_binding, finished_rows, hold, record_study, write_row
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
 TUNED_LR_FILE = "tuned_lr.json"
+# A trial whose node is lost (a spot reclaim) starts again on another node and resumes from its
+# last checkpoint in the storage; a trial that fails this often has a real error.
+TRIAL_RETRIES = 3
 
 
 def number_key(value: float) -> str:
@@ -141,8 +149,8 @@ def lr_for(cell: dict, tuned: dict, source: str | None, default: float) -> tuple
     return float(lr), f"tuned:{source}"
 
 
-def trial_spec_fields(config: StudyConfig, meta_path: Path, meta: dict, teacher_dir: str | None) -> dict:
-    """The TrialSpec fields shared by every cell of the study."""
+def trial_spec_fields(config: StudyConfig, meta_path: str, meta: dict, teacher_dir: str | None) -> dict:
+    """The TrialSpec fields shared by every cell of the study (`meta_path`: the corpus in the storage)."""
     train, teacher = config.train, config.teacher
     return dict(
         budget_unit=config.budget_unit, meta_path=str(meta_path), student=asdict(config.student),
@@ -238,6 +246,7 @@ def control_summary(cell: dict, study: dict, folder: Path) -> dict:
 
     from raykd.data.stream import validation_batches
     from raykd.models import ModelShape, build_masked_lm
+    from raykd.teacher import model_folder
     from raykd.train import StudentStep, validation_losses
 
     spec = study["spec"]
@@ -249,7 +258,7 @@ def control_summary(cell: dict, study: dict, folder: Path) -> dict:
         checkpoint, ledger = str(folder / "student"), {}
     else:
         checkpoint, ledger = spec["teacher_dir"], dict(study["teacher_ledger"])
-        model = AutoModelForMaskedLM.from_pretrained(checkpoint)
+        model = AutoModelForMaskedLM.from_pretrained(model_folder(checkpoint))
     batches = validation_batches(spec["meta_path"], spec["per_worker_batch"], cell["seed"],
                                  max_examples=spec["validation_examples"], mask_prob=spec["mask_prob"])
     losses = validation_losses(StudentStep(model, build_strategy("scratch", None, None, {})), batches)
@@ -263,12 +272,15 @@ def evaluate(student_dir: str, study: dict, seed: int) -> dict:
     from raykd.evaluation import evaluate_student
 
     evaluation = study["eval"]
-    return evaluate_student(student_dir, study["tokenizer_dir"], evaluation["tasks"], data_dir=study["tasks_dir"],
-                            learning_rates=evaluation["learning_rates"], batch_sizes=evaluation["batch_sizes"],
-                            epochs=evaluation["epochs"], max_seq_len=evaluation["max_seq_len"], seed=seed,
-                            max_train_examples=evaluation["train_examples"],
-                            max_eval_examples=evaluation["validation_examples"],
-                            num_threads=study["spec"]["num_threads"], precision=study["spec"]["precision"])
+    tasks_dir = store.local_copy(study["tasks_dir"]) if study["tasks_dir"] else None
+    with store.local_folder(student_dir) as folder:
+        return evaluate_student(folder, store.local_copy(study["tokenizer_dir"]), evaluation["tasks"],
+                                data_dir=tasks_dir, learning_rates=evaluation["learning_rates"],
+                                batch_sizes=evaluation["batch_sizes"], epochs=evaluation["epochs"],
+                                max_seq_len=evaluation["max_seq_len"], seed=seed,
+                                max_train_examples=evaluation["train_examples"],
+                                max_eval_examples=evaluation["validation_examples"],
+                                num_threads=study["spec"]["num_threads"], precision=study["spec"]["precision"])
 
 
 def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
@@ -285,14 +297,17 @@ def trial_resources(trial_config: dict) -> tune.PlacementGroupFactory:
 
 
 class RowWriter(tune.Callback):
-    """In the driver: each trial's final row goes to disk the moment the trial completes."""
+    """In the driver: each trial's final row goes to `out` and to the storage the moment the trial completes."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, rows_uri: str):
         self.out = out
+        self.rows_uri = rows_uri
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if "row_json" in (trial.last_result or {}):
-            write_row(self.out, json.loads(trial.last_result["row_json"]))
+            row = json.loads(trial.last_result["row_json"])
+            write_row(self.out, row)
+            store.write_text(store.join(self.rows_uri, f"{row['trial_id']}.json"), json.dumps(row, default=float))
             collect_results(self.out)
 
 
@@ -321,6 +336,22 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
 # ("Estimated parquet encoding ratio"), no transformers "Loading weights" bars.
 QUIET_WORKERS = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
                  "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def sync_rows(out: Path, rows_uri: str, resume: bool) -> None:
+    """Make `out` and the storage hold the same finished rows: a head node that lost its disk (an empty
+    `out`) gets them back from the storage; a row a killed driver wrote only to `out` reaches the storage."""
+    local = {row["trial_id"] for row in finished_rows(out)}
+    shared = {uri.rsplit("/", 1)[1].removesuffix(".json"): uri for uri in store.list_files(rows_uri, ".json")}
+    if shared and not resume:
+        raise ConfigError("out", f"the storage already holds finished trials of this study ({rows_uri}); pass "
+                                 f"--resume to complete it")
+    for trial in sorted(set(shared) - local):
+        write_row(out, json.loads(store.read_text(shared[trial])))
+    for row in finished_rows(out):
+        if row["trial_id"] not in shared:
+            store.write_text(store.join(rows_uri, f"{row['trial_id']}.json"), json.dumps(row, default=float))
+
 
 
 def start_ray(config: StudyConfig, verbose: bool = False) -> None:
@@ -352,6 +383,14 @@ def progress_table(**parameters: str) -> tune.CLIReporter:
         max_report_frequency=15)
 
 
+def storage_root(storage: str | None, default: Path) -> str:
+    """The storage every node shares, as they all name it (`--storage`, else the local `default`)."""
+    try:
+        return store.root(storage or default)
+    except ValueError as error:
+        raise ConfigError("storage", str(error)) from None
+
+
 def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, resume: bool = False,
               cache_dir: str | Path | None = None, verbose: bool = False) -> pd.DataFrame:
     """Run (or resume) the whole study; returns the results DataFrame (also at out/results.parquet).
@@ -369,8 +408,8 @@ def run_study(config: StudyConfig, out: str | Path, storage: str | None = None, 
 def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool,
                cache_dir: str | Path | None, verbose: bool) -> pd.DataFrame:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    storage_path = storage or str(out / "ray")
-    meta_path = prepare_data(config, cache)
+    storage_path = storage_root(storage, out / "ray")
+    meta_path = prepare_data(config, cache, storage_path)
     meta = load_meta(meta_path)
     key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
     measured = calibration(config, meta_path, meta, storage_path, key, out)
@@ -381,6 +420,8 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
     facts = {"calibration": measured, "chance": chance_levels(config, tasks_dir),
              "references": {"unigram_entropy": unigram_entropy(meta_path)}}
     record_study(out, config, key, **facts)
+    rows_uri = store.join(storage_path, store.STUDIES, key, TRIALS_DIR)
+    sync_rows(out, rows_uri, resume)
     done = {row["trial_id"] for row in finished_rows(out)}
     todo = [cell for cell in cells if cell["trial_id"] not in done]
     if todo:
@@ -389,9 +430,11 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
         for cell in todo:
             if cell["strategy"] not in CONTROLS:
                 cell["lr"], cell["lr_source"] = lr_for(cell, tuned, tuned_source, config.train.lr)
-        study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path,
-                 "key": key, "trial_cpus": config.sweep.trial_cpus, "tokenizer_dir": str(Path(meta_path).parent / meta["tokenizer"]),
-                 "tasks_dir": str(tasks_dir) if tasks_dir else None, "eval": asdict(config.eval),
+        meta_uri = publish_data(meta_path, storage_path)
+        study = {"spec": trial_spec_fields(config, meta_uri, meta, teacher_dir), "storage": storage_path,
+                 "key": key, "trial_cpus": config.sweep.trial_cpus,
+                 "tokenizer_dir": store.join(meta_uri.rsplit("/", 1)[0], meta["tokenizer"]),
+                 "tasks_dir": publish_tasks(tasks_dir, storage_path), "eval": asdict(config.eval),
                  "teacher_ledger": teacher_ledger(config, teacher_dir)}
         trainable = tune.with_resources(pretrain_and_evaluate, trial_resources)
         tuner = tune.Tuner(
@@ -399,7 +442,8 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
             param_space={"cell": tune.grid_search(todo), "study": study},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=f"grid-{key}-{int(time.time())}", storage_path=storage_path,
-                                      callbacks=[RowWriter(out)], progress_reporter=progress_table(), verbose=1),
+                                      callbacks=[RowWriter(out, rows_uri)], progress_reporter=progress_table(),
+                                      verbose=1, failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
         )
         tuner.fit()
     results = collect_results(out)
@@ -443,7 +487,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
-    storage_path = storage or str(cache / "runs")
+    storage_path = storage_root(storage, cache / "runs")
     measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), "pretrain"))
     cell = plan_cells(config, meta, _rate(measured))[0]
     start_ray(config)
@@ -452,7 +496,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
 
     spec = TrialSpec(strategy=cell["strategy"], budget=cell["budget"], unique_examples=cell["unique_examples"],
                      seed=cell["seed"], peak_lr=config.train.lr,
-                     **trial_spec_fields(config, meta_path, meta, teacher_dir))
+                     **trial_spec_fields(config, publish_data(meta_path, storage_path), meta, teacher_dir))
     summary = run_pretraining(spec, storage_path, name=f"pretrain-{cell['trial_id']}-{int(time.time())}")
     global_batch = config.train.per_worker_batch * config.train.workers
     masked = global_batch * masked_per_sequence(meta["seq_len"], config.data.mask_prob, meta["special_ids"],
@@ -498,8 +542,8 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
 
 def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, cache_dir: str | Path | None) -> dict:
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    storage_path = storage or str(out / "ray")
-    meta_path = prepare_data(config, cache)
+    storage_path = storage_root(storage, out / "ray")
+    meta_path = prepare_data(config, cache, storage_path)
     meta = load_meta(meta_path)
     start_ray(config)
     measured = calibration(config, meta_path, meta, storage_path, config_hash(config.to_dict(), str(out)), out)
@@ -508,7 +552,8 @@ def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, ca
     teacher_dir = (ensure_teacher(config, meta_path, cache, storage_path)[0]
                    if any(needs_teacher(cell["strategy"]) for cell in cells) else None)
     key = config_hash(config.to_dict(), str(out), "tune")
-    study = {"spec": trial_spec_fields(config, meta_path, meta, teacher_dir), "storage": storage_path, "key": key,
+    study = {"spec": trial_spec_fields(config, publish_data(meta_path, storage_path), meta, teacher_dir),
+             "storage": storage_path, "key": key,
              "trial_cpus": config.sweep.trial_cpus, "budget_fraction": config.tune.budget_fraction}
     path = out / TUNED_LR_FILE
     tuned = json.loads(path.read_text()) if path.exists() else {"lr": {}, "searches": {}}

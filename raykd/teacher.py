@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from raykd.device import autocast, enable_tf32
+from raykd import storage
 from raykd.models import Captured, ForwardNeeds, encode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,16 +78,22 @@ class ColocatedTeacher(Teacher):
         return self.local.outputs(batch["input_ids"], batch["attention_mask"], positions)
 
 
+def model_folder(source: str) -> str:
+    """What `from_pretrained` should load: a storage URI becomes a node-local copy; a path or hub name is kept."""
+    return storage.local_copy(source) if "://" in source else source
+
+
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class TeacherActor:
     """A teacher in its own process; if it dies Ray restarts it and retries the pending call."""
 
     def __init__(self, teacher_dir: str, needs: ForwardNeeds, dtype: str, num_threads: int, precision: str = "auto"):
+        """`teacher_dir`: an HF model folder, a storage URI (copied to this node once) or a hub name."""
         torch.set_num_threads(num_threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda":
             enable_tf32()
-        model = AutoModelForMaskedLM.from_pretrained(teacher_dir).to(self.device)
+        model = AutoModelForMaskedLM.from_pretrained(model_folder(teacher_dir)).to(self.device)
         self.teacher = LocalTeacher(model, needs, DTYPES[dtype], precision)
 
     def outputs(self, input_ids, attention_mask, masked_positions) -> Captured:

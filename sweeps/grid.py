@@ -26,7 +26,8 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="local", choices=PRESETS)
     parser.add_argument("--config", help="YAML file overriding the preset")
     parser.add_argument("--out", help="output folder (default: runs/<preset>)")
-    parser.add_argument("--storage", help="Ray Train/Tune storage: a local path or s3://... (default: OUT/ray)")
+    parser.add_argument("--storage", help="what every node reads and writes (corpus, tasks, teacher, checkpoints, "
+                                          "rows): a shared path or s3://..., gs://... (default: OUT/ray)")
     parser.add_argument("--cache-dir", help="where corpus, tasks and teachers are cached (default: $RAYKD_CACHE or ~/.cache/raykd)")
     parser.add_argument("--resume", action="store_true", help="complete the study in OUT; finished trials are kept")
     parser.add_argument("--verbose", action="store_true",

@@ -87,3 +87,56 @@ def smoke_study(ray_local, raykd_cache, tmp_path_factory):
                              text=True, timeout=1500)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     return {"out": out, "at_kill": at_kill, "resume_stdout": resumed.stdout, "cache": raykd_cache, "env": env}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (tests/s3_server.py) with the bucket `raykd-test`; returns the
+    AWS_* variables that point pyarrow, Ray and boto3 at it (fake credentials)."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("s3") / "server.log", "w")
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "s3_server.py"), str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    deadline = time.time() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="raykd-test")
+            break
+        except Exception:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise
+            time.sleep(0.3)
+    yield env
+    server.kill()
+    server.wait()
+    log.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server's variables in this test's environment; returns a fresh storage URI in the bucket."""
+    import uuid
+
+    for name, value in s3_server.items():
+        monkeypatch.setenv(name, value)
+    return f"s3://raykd-test/{uuid.uuid4().hex[:8]}"

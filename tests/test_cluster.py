@@ -327,6 +327,9 @@ def test_node_types_get_the_gpus_the_study_needs(launched):
     node_types = launched.resolved["available_node_types"]
     resources = {name: node["resources"] for name, node in node_types.items()}
     assert "GPU" not in resources["head"]
+    # No trial lands on the head: it offers no CPU to Ray's scheduler; the workers offer theirs.
+    assert resources["head"]["CPU"] == 0
+    assert resources["gpu_1x"]["CPU"] > 0 and resources["gpu_8x"]["CPU"] > 0
     assert resources["gpu_1x"]["GPU"] == 1
     assert resources["gpu_8x"]["GPU"] == 8
 
@@ -431,6 +434,8 @@ def test_setup_refuses_bad_input_before_touching_the_account(offline_aws):
         (["--ssh-cidr", "::/0", "--bucket", BUCKET], "--ssh-cidr"),
         (["--ssh-cidr", "203.0.113.300/32", "--bucket", BUCKET], "--ssh-cidr"),
         (["--ssh-cidr", SSH_CIDR, "--bucket", "Not_A_Bucket"], "--bucket"),
+        (["--ssh-cidr", SSH_CIDR, "--bucket", BUCKET, "--cluster-config", "/nowhere/aws.yaml"],
+         "--cluster-config"),
     ]
     for argv, field in bad_inputs:
         with pytest.raises(ValueError, match=field):
@@ -438,6 +443,19 @@ def test_setup_refuses_bad_input_before_touching_the_account(offline_aws):
     groups = offline_aws.ec2.describe_security_groups()["SecurityGroups"]
     assert [group["GroupName"] for group in groups] == ["default"]
     assert offline_aws.iam.list_roles()["Roles"] == []
+
+
+def test_setup_rewrites_the_group_id_of_an_earlier_run(tmp_path):
+    written = tmp_path / "aws.yaml"
+    written.write_text(CLUSTER_YAML.read_text())
+    aws_setup.write_security_group(written, "sg-0123456789abcdef0")
+    aws_setup.write_security_group(written, "sg-0fedcba9876543210")
+    config = cluster_config(path=written)
+    assert {tuple(node["SecurityGroupIds"]) for node in node_configs(config).values()} == {("sg-0fedcba9876543210",)}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(CLUSTER_YAML.read_text().replace("&cluster_security_group", "&groups"))
+    with pytest.raises(ValueError, match="--cluster-config"):
+        aws_setup.write_security_group(broken, "sg-0123456789abcdef0")
 
 
 # --- what the nodes install ----------------------------------------------------------------
@@ -481,12 +499,18 @@ def test_readme_commands_launch_the_validated_config(monkeypatch, tmp_path):
     assert set(re.findall(r"--storage s3://([^/\s'\"]+)/", section)) == {options["--bucket"]}
     assert options["--region"] == REGION
 
+    # The setup writes the group id into the cluster config itself: `ray up` reads it unedited.
+    written = tmp_path / "aws.yaml"
+    written.write_text(CLUSTER_YAML.read_text())
     with offline_account(monkeypatch, tmp_path, managed_policies=True) as account:
-        aws_setup.main(setup_args)
+        aws_setup.main([*setup_args, "--cluster-config", str(written)])
         (group,) = account.ec2.describe_security_groups(
             GroupNames=[aws_setup.SECURITY_GROUP_NAME]
         )["SecurityGroups"]
-        prepared = prepare_config(cluster_config(security_group=group["GroupId"]))
+        assert written.read_text() == CLUSTER_YAML.read_text().replace(
+            SECURITY_GROUP_PLACEHOLDER, group["GroupId"]
+        )
+        prepared = prepare_config(cluster_config(path=written))
         validate_config(prepared)
         resolved = ray_aws_config.bootstrap_aws(prepared)
         used = {g for node in node_configs(resolved).values() for g in node["SecurityGroupIds"]}

@@ -20,7 +20,6 @@ batches them, while the next window is read in the background.
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 
+from raykd import storage
 from raykd.data.masking import mask_batch
 from raykd.data.shards import read_meta
 
@@ -63,38 +63,60 @@ def unique_examples_from_tokens(unique_tokens: float, seq_len: int) -> int:
     return max(1, int(unique_tokens // seq_len))
 
 
-def check_shards(root: Path, meta: dict, split: str) -> list[dict]:
-    """Check a split's shards from their Parquet footers; return the shard entries with full paths.
+def load_meta(meta_path) -> tuple[str, dict]:
+    """Read a shard directory's meta.json (the directory or the file, a local path or a storage URI);
+    return (root, meta), the root as a path or URI."""
+    path = str(meta_path)
+    if not path.endswith(".json"):
+        path = storage.join(path, "meta.json")
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"shard metadata not found: {path}")
+    try:
+        meta = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"shard metadata is not valid JSON: {path}: {error}") from None
+    for field in ("seq_len", "vocab_size", "special_ids", "splits"):
+        if field not in meta:
+            raise ValueError(f"shard metadata {path} lacks the field '{field}'")
+    return path.rsplit("/", 1)[0], meta
+
+
+def check_shards(root: str, meta: dict, split: str) -> list[dict]:
+    """Check a split's shards from their Parquet footers; return the shard entries with full paths
+    (paths within the storage's filesystem, see `raykd.storage`).
 
     Raises FileNotFoundError or ValueError naming the missing or corrupt file.
     """
     if split not in meta["splits"]:
         raise ValueError(f"shard metadata in {root} has no split '{split}'")
+    filesystem = storage.filesystem(root)[0]
     shards = []
     for entry in meta["splits"][split]["shards"]:
-        path = root / entry["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"shard not found: {path}")
+        uri = storage.join(root, entry["path"])
+        path = storage.filesystem(uri)[1]
+        if not storage.is_file(uri):
+            raise FileNotFoundError(f"shard not found: {uri}")
         try:
-            footer = pq.ParquetFile(path).metadata
+            with filesystem.open_input_file(path) as file:
+                footer = pq.ParquetFile(file).metadata
         except (pa.ArrowException, OSError) as error:
-            raise ValueError(f"corrupt shard {path}: {error}") from None
+            raise ValueError(f"corrupt shard {uri}: {error}") from None
         schema = footer.schema.to_arrow_schema()
         if "example_id" not in schema.names or "input_ids" not in schema.names:
-            raise ValueError(f"corrupt shard {path}: columns {schema.names} lack example_id/input_ids")
+            raise ValueError(f"corrupt shard {uri}: columns {schema.names} lack example_id/input_ids")
         token_type = schema.field("input_ids").type
         if not (pa.types.is_list(token_type) and pa.types.is_integer(token_type.value_type)):
-            raise ValueError(f"corrupt shard {path}: input_ids is {token_type}, not a list of integers")
+            raise ValueError(f"corrupt shard {uri}: input_ids is {token_type}, not a list of integers")
         if footer.num_rows != entry["num_examples"]:
             raise ValueError(
-                f"corrupt shard {path}: {footer.num_rows} rows, metadata says {entry['num_examples']}"
+                f"corrupt shard {uri}: {footer.num_rows} rows, metadata says {entry['num_examples']}"
             )
         first, last = _id_range(footer, schema.get_field_index("example_id"))
         expected = (entry["first_example_id"], entry["first_example_id"] + entry["num_examples"] - 1)
         if first is not None and (first, last) != expected:
-            raise ValueError(f"corrupt shard {path}: example ids span {first}..{last}, metadata says "
+            raise ValueError(f"corrupt shard {uri}: example ids span {first}..{last}, metadata says "
                              f"{expected[0]}..{expected[1]}")
-        shards.append({**entry, "path": str(path)})
+        shards.append({**entry, "path": path})
     return shards
 
 
@@ -216,8 +238,8 @@ class PretrainStream:
         max_passes: int | None = None,
         window_examples: int | None = None,
     ):
-        meta_file, meta = read_meta(meta_path)
-        self.root = meta_file.parent
+        self.root, meta = load_meta(meta_path)
+        self.filesystem = storage.filesystem(self.root)[0]
         self.shards = check_shards(self.root, meta, "train")
         num_examples = meta["splits"]["train"]["num_examples"]
         if unique_examples < 1:
@@ -330,7 +352,7 @@ class PretrainStream:
         context.use_datasource_v2 = False
         context.enable_progress_bars = False
         with ray.data.DataContext.current(context):
-            dataset = ray.data.read_parquet(paths, columns=["example_id", "input_ids"])
+            dataset = ray.data.read_parquet(paths, filesystem=self.filesystem, columns=["example_id", "input_ids"])
         return dataset.map_batches(
             _WindowRows(example_ids, pass_index, self.seq_len, masking),
             batch_format="pyarrow",
@@ -416,12 +438,12 @@ def validation_batches(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None; got {max_examples}")
-    meta_file, meta = read_meta(meta_path)
-    root = meta_file.parent
+    root, meta = load_meta(meta_path)
+    filesystem = storage.filesystem(root)[0]
     tables = []
     for shard in check_shards(root, meta, "validation"):
         try:
-            tables.append(pq.read_table(shard["path"], columns=["example_id", "input_ids"]))
+            tables.append(pq.read_table(shard["path"], columns=["example_id", "input_ids"], filesystem=filesystem))
         except (pa.ArrowException, OSError) as error:
             raise ValueError(f"corrupt shard {shard['path']}: {error}") from None
     examples = pa.concat_tables(tables)
