@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import torch  # noqa: E402
 
 from raykd.budget import BudgetMeter  # noqa: E402
-from raykd.device import autocast, device_name, enable_tf32, resolve_precision  # noqa: E402
+from raykd.device import device_name, enable_tf32, resolve_precision  # noqa: E402
 from raykd.flops import forward_flops, step_flops  # noqa: E402
 from raykd.models import ForwardNeeds, ModelShape, build_masked_lm  # noqa: E402
 from raykd.strategies import STRATEGIES, build_strategy  # noqa: E402

@@ -40,7 +40,8 @@ from raykd.io import atomic_path, atomic_write_text
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.stages import (config_hash, default_cache_dir, ensure_teacher, prepare_data, prepare_tasks, publish_data,
                           publish_tasks, teacher_record)
-from raykd.study_folder import bound_fields, check_binding, finished_rows, hold, record_study, write_row
+from raykd.study_folder import (STUDY_FILE, TRIALS_DIR, bound_fields, check_binding, finished_rows, hold,
+                                record_study, write_row)
 
 RESULTS_FILE = "results.parquet"
 CURVES_FILE = "curves.parquet"
@@ -532,15 +533,15 @@ def tune_learning_rates(config: StudyConfig, out: str | Path, storage: str | Non
     whose losses never train the LM head. Each search uses the first repetition's pool
     and the first seed.
     """
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     out = Path(out).resolve()
     with hold(out, "tune_lr.py"):
         return _tune_learning_rates(config, out, storage, cache_dir)
 
 
 def _tune_learning_rates(config: StudyConfig, out: Path, storage: str | None, cache_dir: str | Path | None) -> dict:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     storage_path = storage_root(storage, out / "ray")
     meta_path = prepare_data(config, cache, storage_path)

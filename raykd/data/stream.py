@@ -17,6 +17,7 @@ its position in the window, masked (seeded by (seed, pass, example id), see
 `masking`); the worker puts the window's rows in order by that position and
 batches them, while the next window is read in the background.
 """
+import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,6 @@ import torch
 
 from raykd import storage
 from raykd.data.masking import mask_batch
-from raykd.data.shards import read_meta
 
 # Seed-sequence tags keep the pool and the pass orders independent draws of one seed.
 _POOL_TAG = 0
