@@ -414,7 +414,8 @@ def _run_study(config: StudyConfig, out: Path, storage: str | None, resume: bool
     meta = load_meta(meta_path)
     key = config_hash(bound_fields(config), str(out))  # names the Train runs: a resume finds their checkpoints
     measured = calibration(config, meta_path, meta, storage_path, key, out)
-    cells = plan_cells(config, meta, _rate(measured)) + control_cells(config)  # pool sizes checked before the grid
+    # Controls first: a study cut short still has its references. Pool sizes are checked before the grid.
+    cells = control_cells(config) + plan_cells(config, meta, _rate(measured))
     tuned, tuned_source = learning_rates(config, out)
     tasks_dir = prepare_tasks(config, cache)
     start_ray(config, verbose)
