@@ -246,25 +246,24 @@ def control_table(df: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFr
 def paired_difference(student: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> dict:
     """`student` minus `baseline` on `metric`, paired by seed (and sweep).
 
-    Where the seeds pair up (the same seeds on both sides, each once, at least
-    two) the gain is the mean of the per-seed differences and `gain_ci95` the
-    half-width of its 95 % interval; otherwise the gain is the difference of
-    the means and the interval is unknown (NaN). `significant` is True only
-    when the interval excludes 0.
+    Over the seeds both sides have (at least two, each once) the gain is the mean of the per-seed
+    differences and `gain_ci95` the half-width of its 95 % interval; otherwise the gain is the
+    difference of the means and the interval is unknown (NaN). `significant` is True only when
+    the interval excludes 0.
     """
     key = ["sweep", "seed"] if "sweep" in student.columns and "sweep" in baseline.columns else ["seed"]
     student_scores = student.set_index(key)[metric]
     baseline_scores = baseline.set_index(key)[metric]
-    paired = (len(student_scores) >= 2 and student_scores.index.is_unique and baseline_scores.index.is_unique
-              and set(student_scores.index) == set(baseline_scores.index))
+    common = student_scores.index.intersection(baseline_scores.index)
+    paired = len(common) >= 2 and student_scores.index.is_unique and baseline_scores.index.is_unique
     if paired:
-        differences = student_scores - baseline_scores.reindex(student_scores.index)
+        differences = student_scores.loc[common] - baseline_scores.loc[common]
         gain, half = float(differences.mean()), confidence_halfwidth(differences)
     else:
         gain, half = float(student_scores.mean() - baseline_scores.mean()), float("nan")
     significant = bool(not np.isnan(half) and (gain - half > 0 or gain + half < 0))
     return {"gain": gain, "gain_ci95": half, "ci_low": gain - half, "ci_high": gain + half,
-            "significant": significant, "n_pairs": len(student_scores) if paired else 0}
+            "significant": significant, "n_pairs": len(common) if paired else 0}
 
 
 GAIN_COLUMNS = ["gain", "gain_ci95", "ci_low", "ci_high", "significant", "n_pairs"]

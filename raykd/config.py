@@ -291,7 +291,8 @@ def validate(config: StudyConfig) -> None:
     _check_shape("teacher.shape", config.teacher.shape, config.data.seq_len)
     _check_axis("strategies", config.strategies, "a known strategy", lambda name: name in STRATEGIES,
                 known=STRATEGIES)
-    _check_axis("controls", config.controls, "a known control", lambda name: name in CONTROLS, known=CONTROLS)
+    if config.controls:  # none is allowed: a study without reference rows (e.g. a cluster test)
+        _check_axis("controls", config.controls, "a known control", lambda name: name in CONTROLS, known=CONTROLS)
     if not isinstance(config.strategy_options, dict):
         raise ConfigError("strategy_options", "must be a mapping of option names to values")
     _check_teacher(config)

@@ -78,3 +78,11 @@ def test_missing_config_file_is_named(tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="^preset:"):
         load_config("huge")
+
+
+def test_controls_are_known_names_once_each_or_none():
+    assert load_config("smoke").controls == ["random_init", "teacher"]
+    assert load_config("smoke", overrides=["controls=[]"]).controls == []
+    for bad in ("controls=[nobody]", "controls=[teacher, teacher]"):
+        with pytest.raises(ConfigError, match="^controls:"):
+            load_config("smoke", overrides=[bad])

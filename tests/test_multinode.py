@@ -34,7 +34,8 @@ import pytest
 from conftest import REPO, free_port
 
 OVERRIDES = ["strategies=[scratch, vanilla_kd]", "budgets=[1.5e11]", "repetitions=[4]", "teacher.budget=1e11",
-             "train.checkpoint_every=10", "eval.tasks=[syn_topic]", "sweep.max_concurrent_trials=1"]
+             "train.checkpoint_every=10", "eval.tasks=[syn_topic]", "sweep.max_concurrent_trials=1",
+             "controls=[]"]  # the controls are tested on one node (test_sweep); here they would only add time
 WORKER_CPUS = 4
 TIMEOUT = 1800  # per driver; ~250 s alone on 2 cores, several times that on a shared machine
 
