@@ -65,7 +65,7 @@ def stream_tokens_per_s(meta_path: Path, per_worker_batch: int, num_batches: int
 def train_tokens_per_s(config, batches: list[dict], warmup: int = 3) -> float:
     """Tokens/s of the preset student's `scratch` step (forward, backward, clip, AdamW)."""
     torch.set_num_threads(config.train.num_threads)
-    student = build_masked_lm(config.student.model_shape(), config.data.vocab_size, config.data.seq_len, seed=0)
+    student = build_masked_lm(config.student, config.data.vocab_size, config.data.seq_len, seed=0)
     step_module = StudentStep(student, Scratch())
     optimizer = make_optimizer(step_module, config.train.lr)
     tokens, start = 0, None

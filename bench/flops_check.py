@@ -37,7 +37,7 @@ def main():
     args = parser.parse_args()
     count_fused_cpu_attention()
     config = load_config(args.preset)
-    student_shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
+    student_shape, teacher_shape = config.student, config.teacher.shape
     vocab, seq = config.data.vocab_size, config.data.seq_len
     batch = random_masked_batch(config.train.per_worker_batch, seq, vocab, config.data.mask_prob)
     masked = int(batch["masked_positions"].sum())

@@ -225,7 +225,7 @@ def main():
 
 def measure(args, work: Path, preset, started: float) -> dict:
     """Run every variant, print the table; returns the summary for the JSON line."""
-    shape, teacher_shape = preset.student.model_shape(), preset.teacher.shape.model_shape()
+    shape, teacher_shape = preset.student, preset.teacher.shape
     vocab, seq_len, batch_size = preset.data.vocab_size, preset.data.seq_len, preset.train.per_worker_batch
     lr, mask_prob = preset.train.lr, preset.data.mask_prob
     meta_path = prepare_corpus(work / "corpus", "synthetic", seed=SEED, num_documents=1200, validation_documents=40,

@@ -44,24 +44,20 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
-@dataclass
-class Shape:
+@dataclass(frozen=True)
+class ModelShape:
+    """Size of a BERT encoder: layers, hidden width, attention heads, FFN width (the student's, the teacher's)."""
+
     layers: int
     hidden: int
     heads: int
     intermediate: int
 
-    def model_shape(self):
-        """The `raykd.models.ModelShape` of this shape."""
-        from raykd.models import ModelShape
-
-        return ModelShape(self.layers, self.hidden, self.heads, self.intermediate)
-
 
 @dataclass
 class TeacherConfig:
     source: str = "pretrain"  # "pretrain" (raykd trains it with `scratch`), a local path, or a hub name
-    shape: Shape = field(default_factory=lambda: Shape(4, 256, 4, 1024))
+    shape: ModelShape = field(default_factory=lambda: ModelShape(4, 256, 4, 1024))
     budget: float = 2.0e13  # its own pretraining budget, when source is "pretrain"
     budget_unit: str = "flops"
     lr: float = 1.0e-3
@@ -153,7 +149,7 @@ class StudyConfig:
     unique_tokens: int | None = None  # a pool size given directly, instead of repetition
     seeds: list[int] = field(default_factory=lambda: [0])
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))
-    student: Shape = field(default_factory=lambda: Shape(2, 128, 4, 512))
+    student: ModelShape = field(default_factory=lambda: ModelShape(2, 128, 4, 512))
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # Options of the strategies' losses by name (temperature, alpha, relation_heads, ...); each strategy
     # reads the ones its module declares (raykd/strategies/), with its own defaults for the rest.
@@ -340,7 +336,7 @@ def check_strategy_pairs(config: StudyConfig) -> None:
     try:
         check_options(config.strategies, config.strategy_options)
         for name in config.strategies:
-            check_pair(name, config.student.model_shape(), config.teacher.shape.model_shape(),
+            check_pair(name, config.student, config.teacher.shape,
                        config.strategy_options)
     except ValueError as error:
         field_name, _, message = str(error).partition(": ")
@@ -360,7 +356,7 @@ def _check_axis(name: str, values: list, rule: str, ok, known: tuple = ()) -> No
         raise ConfigError(name, f"{', '.join(repeated)} given more than once")
 
 
-def _check_shape(name: str, shape: Shape, seq_len: int) -> None:
+def _check_shape(name: str, shape: ModelShape, seq_len: int) -> None:
     for key in ("layers", "hidden", "heads", "intermediate"):
         if getattr(shape, key) < 1:
             raise ConfigError(f"{name}.{key}", f"must be >= 1, got {getattr(shape, key)}")

@@ -17,15 +17,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Size of a BERT encoder: layers, hidden width, attention heads, FFN width."""
-
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
+from raykd.config import ModelShape  # noqa: F401  (the one shape type; the config's, re-exported for the models)
 
 
 def bert_config(shape: ModelShape, vocab_size: int, max_positions: int, dropout: float = 0.1) -> BertConfig:

@@ -84,7 +84,7 @@ def scratch_tokens(config: StudyConfig, budget: float, meta: dict, tokens_per_de
     if config.budget_unit == "tokens":
         steps = int(budget // tokens_per_step)
     elif config.budget_unit == "flops":
-        shape = config.student.model_shape()
+        shape = config.student
         masked = global_batch * masked_per_sequence(seq_len, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
         charge = step_flops(build_strategy("scratch", shape, None, config.strategy_options), shape, None,
                             meta["vocab_size"], global_batch, seq_len, masked).total
@@ -503,7 +503,7 @@ def pretrain_cell(config: StudyConfig, cache_dir: str | Path | None = None,
     global_batch = config.train.per_worker_batch * config.train.workers
     masked = global_batch * masked_per_sequence(meta["seq_len"], config.data.mask_prob, meta["special_ids"],
                                                 meta["vocab_size"])
-    shape, teacher_shape = config.student.model_shape(), config.teacher.shape.model_shape()
+    shape, teacher_shape = config.student, config.teacher.shape
     strategy = build_strategy(cell["strategy"], shape, teacher_shape, config.strategy_options)
     charge = step_flops(strategy, shape, teacher_shape, meta["vocab_size"], global_batch, meta["seq_len"], masked).total
     return summary, charge if config.budget_unit == "flops" else float(global_batch * meta["seq_len"])

@@ -38,7 +38,7 @@ def test_results_meet_the_contract(results, smoke_study):
     meta = load_meta(next(smoke_study["cache"].glob("data-*/meta.json")))
     batch, seq = config.train.per_worker_batch * config.train.workers, meta["seq_len"]
     masked = batch * masked_per_sequence(seq, config.data.mask_prob, meta["special_ids"], meta["vocab_size"])
-    shape, teacher = config.student.model_shape(), config.teacher.shape.model_shape()
+    shape, teacher = config.student, config.teacher.shape
     for row in results.itertuples():
         strategy = build_strategy(row.strategy, shape, teacher, config.strategy_options)
         charge = step_flops(strategy, shape, teacher, meta["vocab_size"], batch, seq, masked).total
