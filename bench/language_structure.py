@@ -39,7 +39,8 @@ def main() -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raykd.data.shards import load_meta, shard_paths
+    from raykd.data.meta import load_meta
+    from raykd.data.shards import shard_paths
     from raykd.stages import default_cache_dir, prepare_data
 
     meta = load_meta(prepare_data(config, Path(args.cache_dir) if args.cache_dir else default_cache_dir()))

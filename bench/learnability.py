@@ -33,7 +33,8 @@ def main() -> int:
     if not args.scale > 0:
         print(f"learnability.py: error: --scale must be positive, got {args.scale}", file=sys.stderr)
         return 2
-    from raykd.data.shards import load_meta, unigram_entropy
+    from raykd.data.meta import load_meta
+    from raykd.data.shards import unigram_entropy
     from raykd.stages import default_cache_dir, prepare_data
     from raykd.sweep import pretrain_cell
 

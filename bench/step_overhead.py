@@ -51,7 +51,8 @@ from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 from raykd.budget import BudgetMeter  # noqa: E402
 from raykd.config import load_config  # noqa: E402
 from raykd.data.masking import mask_batch  # noqa: E402
-from raykd.data.shards import load_meta, prepare_corpus, shard_paths  # noqa: E402
+from raykd.data.meta import load_meta  # noqa: E402
+from raykd.data.shards import prepare_corpus, shard_paths  # noqa: E402
 from raykd.flops import step_flops  # noqa: E402
 from raykd.models import build_masked_lm  # noqa: E402
 from raykd.ray_train import TrialSpec, run_pretraining  # noqa: E402

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from raykd import storage
 from raykd.config import ConfigError, StudyConfig
-from raykd.data.shards import META_FILE, load_meta, prepare_corpus
+from raykd.data.meta import META_FILE, load_meta
+from raykd.data.shards import prepare_corpus
 
 TEACHER_MODEL = "model"
 TEACHER_RECORD = "teacher.json"

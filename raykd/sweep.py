@@ -33,7 +33,8 @@ from ray import tune
 from raykd import storage as store
 from raykd.config import CONTROLS, ConfigError, StudyConfig
 from raykd.data.masking import mask_batch
-from raykd.data.shards import load_meta, unigram_entropy
+from raykd.data.meta import load_meta
+from raykd.data.shards import unigram_entropy
 from raykd.data.stream import unique_examples_for, unique_examples_from_tokens
 from raykd.flops import step_flops
 from raykd.io import atomic_path, atomic_write_text

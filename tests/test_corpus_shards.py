@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from raykd.data.corpus import load_corpus
-from raykd.data.shards import (
-    SHARD_SCHEMA, load_meta, pack_sequences, prepare_corpus, shard_paths, unigram_entropy, write_split)
+from raykd.data.meta import check_corpus, load_meta
+from raykd.data.shards import SHARD_SCHEMA, pack_sequences, prepare_corpus, shard_paths, unigram_entropy, write_split
 
 SEQ_LEN = 32
 SMALL = dict(seed=0, num_documents=300, validation_documents=40, seq_len=SEQ_LEN, vocab_size=2000,
@@ -160,12 +160,12 @@ def test_missing_and_corrupt_shards_name_the_file(prepared, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="shard-00001.parquet"):
-        load_meta(copy)
+        check_corpus(load_meta(copy))
     shard.write_bytes(data)
-    load_meta(copy)
+    check_corpus(load_meta(copy))
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="shard-00001.parquet"):
-        load_meta(copy / "meta.json")
+        check_corpus(load_meta(copy / "meta.json"))
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_meta(tmp_path / "nowhere")
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from raykd.config import load_config
-from raykd.data.shards import load_meta
+from raykd.data.meta import load_meta
 from raykd.flops import step_flops
 from raykd.models import ModelShape, build_masked_lm
 from raykd.ray_train import TrialSpec, run_pretraining

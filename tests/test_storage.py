@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from raykd import storage
-from raykd.data.stream import check_shards, load_meta, validation_batches
+from raykd.data.meta import check_shards, load_meta
+from raykd.data.stream import validation_batches
 
 
 def a_stage(folder: Path) -> Path:
@@ -68,9 +69,9 @@ def test_shards_and_validation_batches_read_from_s3(s3, raykd_cache):
 
     local = prepare_data(load_config("smoke"), raykd_cache)
     meta_uri = publish_data(local, s3)
-    root, meta = load_meta(meta_uri)
-    assert root.startswith(s3 + "/stages/data-")
-    assert len(check_shards(root, meta, "train")) == len(meta["splits"]["train"]["shards"])
+    meta = load_meta(meta_uri)
+    assert meta["root"].startswith(s3 + "/stages/data-")
+    assert len(check_shards(meta, "train")) == len(meta["splits"]["train"]["shards"])
     remote = [b["input_ids"] for b in validation_batches(meta_uri, 16, seed=0)]
     here = [b["input_ids"] for b in validation_batches(local, 16, seed=0)]
     assert len(remote) == len(here) and all((a == b).all() for a, b in zip(remote, here))

@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM
 
 from conftest import sweep_command
 from raykd.config import CONTROLS, load_config
-from raykd.data.shards import load_meta
+from raykd.data.meta import load_meta
 from raykd.evaluation import TASKS
 from raykd.flops import step_flops
 from raykd.strategies import build_strategy

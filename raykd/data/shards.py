@@ -25,13 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raykd.data.corpus import VALIDATION_DOCUMENT_OFFSET, check_source, load_corpus
+from raykd.data.meta import META_FILE, SPLITS, check_corpus, load_meta
 from raykd.data.synthetic import SyntheticLanguage
-from raykd.data.tokenizer import SPECIAL_NAMES, load_tokenizer, special_ids, train_wordpiece
+from raykd.data.tokenizer import load_tokenizer, special_ids, train_wordpiece
 from raykd.io import atomic_path, atomic_write_text
 
-META_FILE = "meta.json"
 TOKENIZER_DIR = "tokenizer"
-SPLITS = ("train", "validation")
 SHARD_SCHEMA = pa.schema([("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32()))])
 _ENCODE_BATCH = 1000
 
@@ -148,7 +147,7 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
     if meta_path.exists():
         recorded = json.loads(meta_path.read_text()).get("params")
         if recorded == params:
-            load_meta(meta_path)
+            check_corpus(load_meta(meta_path))
             return meta_path
         differing = sorted(k for k in set(params) | set(recorded or {}) if (recorded or {}).get(k) != params.get(k))
         raise ValueError(f"{meta_path} was prepared with other parameters ({differing}); use another out_dir")
@@ -195,66 +194,6 @@ def _describe(params: dict) -> dict:
     keys = ("data_files",) if params["source"] == "files" else ("dataset_name", "dataset_config", "dataset_split")
     return {"source": params["source"], **{k: params[k] for k in keys}, "text_column": params["text_column"],
             "num_documents": params["num_documents"], "validation_documents": params["validation_documents"]}
-
-
-def read_meta(path_or_dir: str | Path) -> tuple[Path, dict]:
-    """Read a prepared corpus's meta.json (given its folder or the file): (the file, its fields).
-
-    Checks only that the file exists, parses and has the top-level fields;
-    errors name the file. `load_meta` also checks every shard.
-    """
-    path = Path(path_or_dir)
-    if path.is_dir() or not path.suffix:
-        path = path / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus metadata not found: {path}")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"corrupt corpus metadata {path}: {e}") from e
-    for key in ("seq_len", "vocab_size", "special_ids", "tokenizer", "splits"):
-        if key not in meta:
-            raise ValueError(f"{path} lacks the field {key!r}")
-    return path, meta
-
-
-def load_meta(path_or_dir: str | Path) -> dict:
-    """Read and validate a prepared corpus's meta.json: every listed shard must
-    exist and be a readable Parquet file with the shard schema and the recorded
-    row count. Adds "root" (the directory, absolute). Errors name the file."""
-    path, meta = read_meta(path_or_dir)
-    root = path.parent.resolve()
-    if set(meta["special_ids"]) != set(SPECIAL_NAMES):
-        raise ValueError(f"{path}: special_ids must have exactly {SPECIAL_NAMES}")
-    if not (root / meta["tokenizer"]).is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {root / meta['tokenizer']} (listed in {path})")
-    seq_len = meta["seq_len"]
-    for split in SPLITS:
-        info = meta["splits"].get(split)
-        if info is None:
-            raise ValueError(f"{path} lacks the split {split!r}")
-        next_id = 0
-        for shard in info["shards"]:
-            _check_shard(root / shard["path"], shard, next_id, seq_len)
-            next_id += shard["num_examples"]
-        if next_id != info["num_examples"] or info["num_tokens"] != next_id * seq_len:
-            raise ValueError(f"{path}: split {split!r} counts disagree with its shards")
-    meta["root"] = str(root)
-    return meta
-
-
-def _check_shard(file: Path, shard: dict, first_id: int, seq_len: int) -> None:
-    if not file.is_file():
-        raise FileNotFoundError(f"shard not found: {file}")
-    try:
-        parquet = pq.ParquetFile(file)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"corrupt shard {file}: {e}") from e
-    if not parquet.schema_arrow.equals(SHARD_SCHEMA):
-        raise ValueError(f"shard {file} has schema {parquet.schema_arrow}, expected {SHARD_SCHEMA}")
-    if parquet.metadata.num_rows != shard["num_examples"] or shard["first_example_id"] != first_id:
-        raise ValueError(f"shard {file} has {parquet.metadata.num_rows} rows from id {shard['first_example_id']}; "
-                         f"meta.json says {shard['num_examples']} from id {first_id}")
 
 
 def shard_paths(meta: dict, split: str) -> list[Path]:

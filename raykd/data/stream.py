@@ -17,7 +17,6 @@ its position in the window, masked (seeded by (seed, pass, example id), see
 `masking`); the worker puts the window's rows in order by that position and
 batches them, while the next window is read in the background.
 """
-import json
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import torch
 
 from raykd import storage
 from raykd.data.masking import mask_batch
+from raykd.data.meta import check_shards, load_meta
 
 # Seed-sequence tags keep the pool and the pass orders independent draws of one seed.
 _POOL_TAG = 0
@@ -61,75 +61,6 @@ def unique_examples_from_tokens(unique_tokens: float, seq_len: int) -> int:
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive; got {seq_len!r}")
     return max(1, int(unique_tokens // seq_len))
-
-
-def load_meta(meta_path) -> tuple[str, dict]:
-    """Read a shard directory's meta.json (the directory or the file, a local path or a storage URI);
-    return (root, meta), the root as a path or URI."""
-    path = str(meta_path)
-    if not path.endswith(".json"):
-        path = storage.join(path, "meta.json")
-    if not storage.is_file(path):
-        raise FileNotFoundError(f"shard metadata not found: {path}")
-    try:
-        meta = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"shard metadata is not valid JSON: {path}: {error}") from None
-    for field in ("seq_len", "vocab_size", "special_ids", "splits"):
-        if field not in meta:
-            raise ValueError(f"shard metadata {path} lacks the field '{field}'")
-    return path.rsplit("/", 1)[0], meta
-
-
-def check_shards(root: str, meta: dict, split: str) -> list[dict]:
-    """Check a split's shards from their Parquet footers; return the shard entries with full paths
-    (paths within the storage's filesystem, see `raykd.storage`).
-
-    Raises FileNotFoundError or ValueError naming the missing or corrupt file.
-    """
-    if split not in meta["splits"]:
-        raise ValueError(f"shard metadata in {root} has no split '{split}'")
-    filesystem = storage.filesystem(root)[0]
-    shards = []
-    for entry in meta["splits"][split]["shards"]:
-        uri = storage.join(root, entry["path"])
-        path = storage.filesystem(uri)[1]
-        if not storage.is_file(uri):
-            raise FileNotFoundError(f"shard not found: {uri}")
-        try:
-            with filesystem.open_input_file(path) as file:
-                footer = pq.ParquetFile(file).metadata
-        except (pa.ArrowException, OSError) as error:
-            raise ValueError(f"corrupt shard {uri}: {error}") from None
-        schema = footer.schema.to_arrow_schema()
-        if "example_id" not in schema.names or "input_ids" not in schema.names:
-            raise ValueError(f"corrupt shard {uri}: columns {schema.names} lack example_id/input_ids")
-        token_type = schema.field("input_ids").type
-        if not (pa.types.is_list(token_type) and pa.types.is_integer(token_type.value_type)):
-            raise ValueError(f"corrupt shard {uri}: input_ids is {token_type}, not a list of integers")
-        if footer.num_rows != entry["num_examples"]:
-            raise ValueError(
-                f"corrupt shard {uri}: {footer.num_rows} rows, metadata says {entry['num_examples']}"
-            )
-        first, last = _id_range(footer, schema.get_field_index("example_id"))
-        expected = (entry["first_example_id"], entry["first_example_id"] + entry["num_examples"] - 1)
-        if first is not None and (first, last) != expected:
-            raise ValueError(f"corrupt shard {uri}: example ids span {first}..{last}, metadata says "
-                             f"{expected[0]}..{expected[1]}")
-        shards.append({**entry, "path": path})
-    return shards
-
-
-def _id_range(footer: pq.FileMetaData, column: int) -> tuple[int | None, int | None]:
-    """Smallest and largest example id from the footer's statistics (None if not written)."""
-    low, high = None, None
-    for group in range(footer.num_row_groups):
-        stats = footer.row_group(group).column(column).statistics
-        if stats is None or not stats.has_min_max:
-            return None, None
-        low = stats.min if low is None else min(low, stats.min)
-        high = stats.max if high is None else max(high, stats.max)
-    return low, high
 
 
 def select_pool(num_examples: int, unique_examples: int, seed: int) -> np.ndarray:
@@ -238,9 +169,10 @@ class PretrainStream:
         max_passes: int | None = None,
         window_examples: int | None = None,
     ):
-        self.root, meta = load_meta(meta_path)
+        meta = load_meta(meta_path)
+        self.root = meta["root"]
         self.filesystem = storage.filesystem(self.root)[0]
-        self.shards = check_shards(self.root, meta, "train")
+        self.shards = check_shards(meta, "train")
         num_examples = meta["splits"]["train"]["num_examples"]
         if unique_examples < 1:
             raise ValueError(f"unique_examples must be >= 1; got {unique_examples}")
@@ -438,10 +370,10 @@ def validation_batches(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None; got {max_examples}")
-    root, meta = load_meta(meta_path)
-    filesystem = storage.filesystem(root)[0]
+    meta = load_meta(meta_path)
+    filesystem = storage.filesystem(meta["root"])[0]
     tables = []
-    for shard in check_shards(root, meta, "validation"):
+    for shard in check_shards(meta, "validation"):
         try:
             tables.append(pq.read_table(shard["path"], columns=["example_id", "input_ids"], filesystem=filesystem))
         except (pa.ArrowException, OSError) as error:
