@@ -36,7 +36,7 @@ def main() -> int:
     from raykd.data.meta import load_meta
     from raykd.data.shards import unigram_entropy
     from raykd.stages import default_cache_dir, prepare_data
-    from raykd.sweep import pretrain_cell
+    from raykd.recipes import pretrain_cell
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     # The local preset's corpus, with 1000 held-out documents (~790 sequences, ~15k masked

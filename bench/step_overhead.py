@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -55,7 +55,8 @@ from raykd.data.meta import load_meta  # noqa: E402
 from raykd.data.shards import prepare_corpus, shard_paths  # noqa: E402
 from raykd.flops import step_flops  # noqa: E402
 from raykd.models import build_masked_lm  # noqa: E402
-from raykd.ray_train import TrialSpec, run_pretraining  # noqa: E402
+from raykd.plan import Cell  # noqa: E402
+from raykd.ray_train import Corpus, TrialSpec, run_pretraining  # noqa: E402
 from raykd.strategies import build_strategy  # noqa: E402
 from raykd.train import StudentStep, make_optimizer, pretrain  # noqa: E402
 
@@ -237,18 +238,24 @@ def measure(args, work: Path, preset, started: float) -> dict:
     build_masked_lm(teacher_shape, vocab, seq_len, seed=1).save_pretrained(teacher_dir)
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    spec = TrialSpec(strategy="scratch", budget=args.ray_steps * batch_size * seq_len, budget_unit="tokens",
-                     meta_path=str(meta_path), unique_examples=min(1024, load_meta(meta_path)["splits"]["train"]["num_examples"]),
-                     seed=SEED, student=asdict(shape), vocab_size=vocab, seq_len=seq_len, peak_lr=lr,
-                     teacher_dir=str(teacher_dir), teacher_shape=asdict(teacher_shape), teacher_actors=1,
-                     teacher_actor_cpus=1.0, cpus_per_worker=1.0, num_threads=THREADS, per_worker_batch=batch_size,
-                     mask_prob=mask_prob, max_grad_norm=MAX_GRAD_NORM,
-                     # The step is measured, not checkpointing or evaluation: one checkpoint and one
-                     # validation pass, both after the last step.
-                     checkpoint_every=10 ** 9, eval_points=1, validation_examples=batch_size)
-    ray_runs = [("scratch", {"strategy": "scratch"}),
-                ("kd_colocated", {"strategy": "vanilla_kd", "teacher_placement": "colocated"}),
-                ("kd_actor", {"strategy": "vanilla_kd", "teacher_placement": "actor"})]
+    meta = load_meta(meta_path)
+    # The step is measured, not checkpointing or evaluation: one checkpoint and one validation
+    # pass, both after the last step.
+    study = replace(preset, budget_unit="tokens",
+                    teacher=replace(preset.teacher, actors=1, actor_cpus=1.0),
+                    train=replace(preset.train, workers=1, cpus_per_worker=1.0, gpus_per_worker=0.0,
+                                  num_threads=THREADS, max_grad_norm=MAX_GRAD_NORM, precision="auto", compile=False,
+                                  checkpoint_every=10 ** 9, eval_points=1, validation_examples=batch_size))
+    cell = Cell("scratch", args.ray_steps * batch_size * seq_len, 1.0, SEED,
+                unique_examples=min(1024, meta["splits"]["train"]["num_examples"]), lr=lr)
+    spec = TrialSpec(study, cell, Corpus(str(meta_path), vocab, seq_len), teacher_dir=str(teacher_dir))
+
+    def placed(placement: str):
+        return replace(study, teacher=replace(study.teacher, placement=placement))
+
+    ray_runs = [("scratch", spec),
+                ("kd_colocated", replace(spec, config=placed("colocated"), cell=replace(cell, strategy="vanilla_kd"))),
+                ("kd_actor", replace(spec, config=placed("actor"), cell=replace(cell, strategy="vanilla_kd")))]
 
     config = plain_bert_config(shape, vocab, seq_len)
     total = args.warmup + args.steps
@@ -267,8 +274,8 @@ def measure(args, work: Path, preset, started: float) -> dict:
                 rounds[key].append(statistics.median(kept))
             print(f"round {index + 1}: " + "  ".join(f"{k} {1 / v[-1]:.2f}/s" for k, v in rounds.items()), flush=True)
         if index < len(ray_runs):
-            key, changes = ray_runs[index]
-            times, wall = ray_step_times(TrialSpec(**{**asdict(spec), **changes}), work / "ray", f"{key}-{time.time_ns()}")
+            key, run_spec = ray_runs[index]
+            times, wall = ray_step_times(run_spec, work / "ray", f"{key}-{time.time_ns()}")
             ray_samples[key], ray_walls[key] = timed(times, RAY_WARMUP_STEPS), wall
             print(f"ray {key}: {len(times)} steps, median {1 / statistics.median(ray_samples[key]):.2f}/s, "
                   f"run wall {wall:.0f} s", flush=True)

@@ -8,34 +8,37 @@ and compile setting, measures that rate; the study records it in study.json.
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 
-from raykd.config import CALIBRATION_WARMUP_STEPS
+from raykd.config import CALIBRATION_WARMUP_STEPS, StudyConfig
 
 
-def measure_tokens_per_device_second(spec_fields: dict, steps: int, available_examples: int, seed: int,
-                                     peak_lr: float, storage_path: str, name: str) -> dict:
-    """Run `steps` scratch steps on Ray Train and measure tokens per device-second.
+def measure_tokens_per_device_second(config: StudyConfig, corpus, available_examples: int, storage_path: str,
+                                     name: str) -> dict:
+    """Run `train.calibration_steps` scratch steps on Ray Train and measure tokens per device-second.
 
-    spec_fields: the study's shared `TrialSpec` fields (raykd.sweep.trial_spec_fields).
+    corpus: the study's `raykd.ray_train.Corpus`. The run uses the first seed and `train.lr`.
     The first CALIBRATION_WARMUP_STEPS steps (allocator, kernel selection,
     compilation) are left out of the rate. Returns what study.json records:
     tokens_per_device_second, steps and tokens measured, the device-seconds
     they took, the device and the number of training workers.
     """
+    from raykd.plan import Cell
     from raykd.ray_train import TrialSpec, run_pretraining
 
-    global_batch = spec_fields["per_worker_batch"] * spec_fields["workers"]
-    tokens_per_step = global_batch * spec_fields["seq_len"]
-    spec = TrialSpec(**{**spec_fields, "budget_unit": "tokens", "teacher_dir": None,
-                        # one checkpoint and one small validation, at the end: nothing interrupts the timed steps
-                        "checkpoint_every": steps, "eval_points": 1,
-                        "validation_examples": spec_fields["per_worker_batch"]},
-                     strategy="scratch", budget=float(steps * tokens_per_step),
-                     unique_examples=min(available_examples, steps * global_batch), seed=seed, peak_lr=peak_lr)
+    train, steps = config.train, config.train.calibration_steps
+    global_batch = train.per_worker_batch * train.workers
+    tokens_per_step = global_batch * corpus.seq_len
+    # one checkpoint and one small validation, at the end: nothing interrupts the timed steps
+    calibrated = replace(config, budget_unit="tokens", train=replace(
+        train, checkpoint_every=steps, eval_points=1, validation_examples=train.per_worker_batch))
+    cell = Cell("scratch", float(steps * tokens_per_step), math.nan, config.seeds[0],
+                unique_examples=min(available_examples, steps * global_batch), lr=train.lr)
     started = time.time()
-    summary = run_pretraining(spec, storage_path, name=name)
-    return {**rate_from_curve(summary["curve"]), "device": summary["device"], "workers": spec.workers,
+    summary = run_pretraining(TrialSpec(calibrated, cell, corpus), storage_path, name=name)
+    return {**rate_from_curve(summary["curve"]), "device": summary["device"], "workers": train.workers,
             "wall_seconds": time.time() - started, "source": "measured"}
 
 

@@ -542,7 +542,7 @@ def _check_budgets_pay_for_a_step(config: StudyConfig) -> None:
 
     The exact charge needs the corpus (its vocabulary); this uses a lower bound
     that holds for every strategy: the student encoder's matmuls, forward and
-    backward. raykd.sweep.plan_cells checks the exact charge afterwards.
+    backward. raykd.plan.plan_cells checks the exact charge afterwards.
     """
     train, shape = config.train, config.student
     tokens = train.per_worker_batch * train.workers * config.data.seq_len

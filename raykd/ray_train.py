@@ -21,7 +21,7 @@ import io
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,9 @@ from raykd import storage
 from raykd.budget import BudgetMeter, Ledger
 from raykd.data.stream import PretrainStream, validation_batches
 from raykd.device import device_name, enable_tf32, resolve_precision
-from raykd.models import ModelShape, build_masked_lm
+from raykd.config import StudyConfig
+from raykd.models import build_masked_lm
+from raykd.plan import Cell
 from raykd.strategies import build_strategy, needs_teacher
 from raykd.teacher import ActorTeacher, ColocatedTeacher, LocalTeacher, model_folder, start_teacher_actors
 from raykd.train import StudentStep, derived_seed, make_optimizer, pretrain, validation_losses
@@ -46,89 +48,74 @@ CURVE_FILE = "curve.jsonl"
 COUNTS_FILE = "example_counts.npy"
 
 
-@dataclass
-class TrialSpec:
-    """Everything one pretraining trial needs, as plain values (it travels to Ray workers)."""
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus as trials reach it: its meta.json (a storage URI or a path every worker
+    reads) and what the models need of it."""
 
-    strategy: str
-    budget: float
-    budget_unit: str
     meta_path: str
-    unique_examples: int
-    seed: int  # data order, masks and the student's initialisation
-    student: dict  # ModelShape fields
     vocab_size: int
     seq_len: int
-    peak_lr: float
-    teacher_dir: str | None = None
-    teacher_shape: dict | None = None
-    teacher_placement: str = "actor"
-    teacher_actors: int = 1
-    teacher_actor_cpus: float = 1.0
-    teacher_actor_gpus: float = 0.0
-    teacher_dtype: str = "float32"
-    strategy_options: dict = field(default_factory=dict)
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    num_threads: int = 1
-    per_worker_batch: int = 32
-    mask_prob: float = 0.15
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    dropout: float = 0.1
-    precision: str = "auto"
-    compile: bool = False
-    checkpoint_every: int = 50
-    eval_points: int = 4
-    validation_examples: int = 256
-    max_failures: int = 3
+
+    @classmethod
+    def of(cls, meta_path: str, meta: dict) -> "Corpus":
+        return cls(str(meta_path), meta["vocab_size"], meta["seq_len"])
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One pretraining trial: the study's validated configuration, the cell it runs, and where its
+    inputs are. It travels as it is (typed, pickled) to the Ray Train workers.
+
+    The trial trains `config.student` with `cell.strategy` to `cell.budget` (in `config.budget_unit`)
+    at peak LR `cell.lr`, on `cell.unique_examples` of the corpus chosen by `cell.seed`.
+    """
+
+    config: StudyConfig
+    cell: Cell
+    corpus: Corpus
+    teacher_dir: str | None = None  # a storage URI, a path or a hub name; None for a strategy without one
     audit_examples: bool = False  # keep per-example counts (tests; one int per pool example)
-
-    def student_shape(self) -> ModelShape:
-        return ModelShape(**self.student)
-
-    def teacher_model_shape(self) -> ModelShape | None:
-        return ModelShape(**self.teacher_shape) if self.teacher_shape else None
-
-    def uses_teacher(self) -> bool:
-        return needs_teacher(self.strategy)
+    max_failures: int = 3
 
     def actor_count(self) -> int:
-        return self.teacher_actors if self.uses_teacher() and self.teacher_placement == "actor" else 0
+        """Teacher actors the trial starts (none for a colocated teacher or a strategy without one)."""
+        teacher = self.config.teacher
+        return teacher.actors if needs_teacher(self.cell.strategy) and teacher.placement == "actor" else 0
 
     def devices(self) -> int:
         """Devices the trial holds: training workers plus teacher actors (the device_seconds charge)."""
-        return self.workers + self.actor_count()
+        return self.config.train.workers + self.actor_count()
 
 
-def _build(spec: TrialSpec):
-    student_shape, teacher_shape = spec.student_shape(), spec.teacher_model_shape()
+def build_trial(spec: TrialSpec):
+    """The trial's initial student and its strategy (with any projection heads), both from its seed."""
+    config = spec.config
     with torch.random.fork_rng(devices=[]):  # projection heads: drawn from the trial's seed, not the process's RNG
-        torch.manual_seed(derived_seed(spec.seed, "strategy"))
-        strategy = build_strategy(spec.strategy, student_shape, teacher_shape, spec.strategy_options)
+        torch.manual_seed(derived_seed(spec.cell.seed, "strategy"))
+        strategy = build_strategy(spec.cell.strategy, config.student, config.teacher.shape, config.strategy_options)
     # Same seed, same initial student for every strategy in a grid cell.
-    student = build_masked_lm(student_shape, spec.vocab_size, spec.seq_len, seed=spec.seed, dropout=spec.dropout)
+    student = build_masked_lm(config.student, spec.corpus.vocab_size, spec.corpus.seq_len, seed=spec.cell.seed,
+                              dropout=config.train.dropout)
     return student, strategy
 
 
 def worker_loop(config: dict) -> None:
     """The body of every Ray Train worker: restore, stream, train to the budget, checkpoint."""
-    spec = TrialSpec(**config["spec"])
+    spec: TrialSpec = config["spec"]
+    train, cell = spec.config.train, spec.cell
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(spec.num_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
-    device = torch.device("cuda", torch.cuda.current_device()) if spec.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
-    precision = resolve_precision(spec.precision, device)
+    torch.set_num_threads(train.num_threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+    device = torch.device("cuda", torch.cuda.current_device()) if train.gpus_per_worker and torch.cuda.is_available() else torch.device("cpu")
+    precision = resolve_precision(train.precision, device)
     if device.type == "cuda":
         enable_tf32()
 
-    student, strategy = _build(spec)
+    student, strategy = build_trial(spec)
     plain_module = step_module = StudentStep(student, strategy).to(device)
-    optimizer = make_optimizer(step_module, spec.peak_lr, tuple(spec.betas), spec.eps, spec.weight_decay)
-    meter = BudgetMeter(spec.budget, spec.budget_unit, devices=spec.devices())
+    optimizer = make_optimizer(step_module, cell.lr, tuple(train.betas), train.eps, train.weight_decay)
+    meter = BudgetMeter(cell.budget, spec.config.budget_unit, devices=spec.devices())
     curve, counts, restored = [], None, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -138,12 +125,12 @@ def worker_loop(config: dict) -> None:
     if spec.audit_examples and counts is None:
         counts = {}
 
-    stream = PretrainStream(spec.meta_path, unique_examples=spec.unique_examples, seed=spec.seed,
-                            per_worker_batch=spec.per_worker_batch, rank=rank, world_size=world,
-                            mask_prob=spec.mask_prob)
+    stream = PretrainStream(spec.corpus.meta_path, unique_examples=cell.unique_examples, seed=cell.seed,
+                            per_worker_batch=train.per_worker_batch, rank=rank, world_size=world,
+                            mask_prob=spec.config.data.mask_prob)
     needs = strategy.teacher_needs()
     teacher = None
-    if needs is not None and spec.teacher_placement == "actor":
+    if needs is not None and spec.config.teacher.placement == "actor":
         teacher = ActorTeacher(config["teacher_actors"], needs, rank=rank, device=str(device))
     elif needs is not None:
         model = AutoModelForMaskedLM.from_pretrained(model_folder(spec.teacher_dir)).to(device)
@@ -160,19 +147,19 @@ def worker_loop(config: dict) -> None:
     else:
         def reduce_sum(values):
             return values
-    if spec.compile:
+    if train.compile:
         step_module = torch.compile(step_module)
 
     fetched = collections.deque()  # example ids of batches handed to the loop, not yet trained on
     batches = (_to(batch, device) for batch in _remembered(stream.batches(start_step=meter.ledger.steps), fetched))
-    eval_marks = [k / spec.eval_points for k in range(1, spec.eval_points)]
+    eval_marks = [k / train.eval_points for k in range(1, train.eval_points)]
     latest = {"mlm_val_loss": math.nan, "val_loss": math.nan}
     next_mark = sum(1 for m in eval_marks if meter.fraction >= m)
-    for report in pretrain(step_module, strategy, batches, meter, optimizer, peak_lr=spec.peak_lr,
-                           student_shape=spec.student_shape(), teacher_shape=spec.teacher_model_shape(),
-                           vocab_size=spec.vocab_size, teacher=teacher, reduce_sum=reduce_sum,
-                           world_size=world, max_grad_norm=spec.max_grad_norm, precision=precision,
-                           dropout_seed=derived_seed(spec.seed, "dropout", rank)):
+    for report in pretrain(step_module, strategy, batches, meter, optimizer, peak_lr=cell.lr,
+                           student_shape=spec.config.student, teacher_shape=spec.config.teacher.shape,
+                           vocab_size=spec.corpus.vocab_size, teacher=teacher, reduce_sum=reduce_sum,
+                           world_size=world, max_grad_norm=train.max_grad_norm, precision=precision,
+                           dropout_seed=derived_seed(cell.seed, "dropout", rank)):
         trained = fetched.popleft()  # the loop prefetches one batch ahead
         if counts is not None:
             for example in trained.tolist():
@@ -185,7 +172,7 @@ def worker_loop(config: dict) -> None:
             row.update(_validation(plain_module, teacher, spec, rank, device, precision))
             latest = {k: row[k] for k in ("mlm_val_loss", "val_loss")}
         curve.append(row)
-        if evaluate or report.step % spec.checkpoint_every == 0:
+        if evaluate or report.step % train.checkpoint_every == 0:
             # Tune (ASHA) sees the latest validation losses at every report, not NaN between points.
             _report({**row, **latest}, spec, rank, step_module, optimizer, meter, curve, counts, restored, stream,
                     final=False)
@@ -210,7 +197,9 @@ def _validation(step_module, teacher, spec: TrialSpec, rank: int, device, precis
     """Validation losses on fixed masks, computed on rank 0 (the others report NaN)."""
     if rank != 0:
         return {"mlm_val_loss": math.nan, "val_loss": math.nan}
-    batches = validation_batches(spec.meta_path, spec.per_worker_batch, spec.seed, max_examples=spec.validation_examples)
+    train = spec.config.train
+    batches = validation_batches(spec.corpus.meta_path, train.per_worker_batch, spec.cell.seed,
+                                 max_examples=train.validation_examples)
     return validation_losses(step_module, (_to(b, device) for b in batches), teacher, precision)
 
 
@@ -270,18 +259,18 @@ def _restore(folder: Path, step_module, optimizer, meter):
 def run_pretraining(spec: TrialSpec, storage_path: str, name: str, callbacks: list | None = None) -> dict:
     """Run (or resume) one pretraining trial; returns its summary and the final student's path."""
     actors = []
+    train, teacher = spec.config.train, spec.config.teacher
     if spec.actor_count():
-        strategy = _build(spec)[1]
+        strategy = build_trial(spec)[1]
         actors = start_teacher_actors(spec.teacher_dir, strategy.teacher_needs(), count=spec.actor_count(),
-                                      cpus=spec.teacher_actor_cpus, gpus=spec.teacher_actor_gpus,
-                                      dtype=spec.teacher_dtype, num_threads=spec.num_threads,
-                                      precision=spec.precision)
-    use_gpu = spec.gpus_per_worker > 0
-    resources = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
+                                      cpus=teacher.actor_cpus, gpus=teacher.actor_gpus, dtype=teacher.dtype,
+                                      num_threads=train.num_threads, precision=train.precision)
+    use_gpu = train.gpus_per_worker > 0
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"spec": asdict(spec), "teacher_actors": actors},
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        train_loop_config={"spec": spec, "teacher_actors": actors},
+        scaling_config=ray.train.ScalingConfig(num_workers=train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks or [],

@@ -12,9 +12,10 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from raykd import storage
@@ -196,21 +197,20 @@ def teacher_record(teacher_dir: str) -> dict | None:
 
 def pretrain_teacher(config: StudyConfig, meta_path: Path, storage_path: str, name: str) -> dict:
     """Pretrain the teacher with `scratch` on the whole corpus at the teacher's budget."""
-    from raykd.ray_train import TrialSpec, run_pretraining
+    from raykd.plan import Cell
+    from raykd.ray_train import Corpus, TrialSpec, run_pretraining
 
     meta = load_meta(meta_path)
-    train = config.train
-    spec = TrialSpec(
-        strategy="scratch", budget=config.teacher.budget, budget_unit=config.teacher.budget_unit,
-        meta_path=publish_data(meta_path, storage_path), unique_examples=meta["splits"]["train"]["num_examples"],
-        seed=config.data.seed,
-        student=asdict(config.teacher.shape), vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
-        peak_lr=config.teacher.lr, workers=train.workers, cpus_per_worker=train.cpus_per_worker,
-        gpus_per_worker=train.gpus_per_worker, num_threads=config.teacher.pretrain_threads or train.num_threads,
-        per_worker_batch=train.per_worker_batch,
-        mask_prob=config.data.mask_prob, betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm, dropout=train.dropout, checkpoint_every=train.checkpoint_every,
-        eval_points=1, validation_examples=train.validation_examples)
+    teacher, train = config.teacher, config.train
+    # The teacher's pretraining is a scratch trial of the teacher's shape, budget and LR. It runs at
+    # the default precision and uncompiled, whatever `train` says: the teacher's cache key
+    # (`teacher_key`) leaves those fields out, so they must not change what a cached teacher is.
+    study = replace(config, student=teacher.shape, budget_unit=teacher.budget_unit,
+                    train=replace(train, num_threads=teacher.pretrain_threads or train.num_threads, eval_points=1,
+                                  precision="auto", compile=False))
+    cell = Cell("scratch", teacher.budget, math.nan, config.data.seed,
+                unique_examples=meta["splits"]["train"]["num_examples"], lr=teacher.lr)
+    spec = TrialSpec(study, cell, Corpus.of(publish_data(meta_path, storage_path), meta))
     return run_pretraining(spec, storage_path, name)
 
 

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         check_unlocked(out)
         check_strategy_pairs(config)  # imports torch: after every cheaper check
         with hold(out, "grid.py"):
-            from raykd.sweep import run_study, summary_table
+            from raykd.recipes import run_study, summary_table
 
             results = run_study(config, out, storage=args.storage, resume=args.resume, cache_dir=args.cache_dir,
                                 verbose=args.verbose)

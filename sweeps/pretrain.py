@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     except ConfigError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
-    from raykd.sweep import pretrain_cell
+    from raykd.recipes import pretrain_cell
 
     try:
         summary, step_charge = pretrain_cell(config, cache_dir=args.cache_dir)

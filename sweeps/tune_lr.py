@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         check_unlocked(out)
         check_strategy_pairs(config)  # imports torch: after every cheaper check
         with hold(out, "tune_lr.py"):
-            from raykd.sweep import TUNED_LR_FILE, tune_learning_rates
+            from raykd.plan import TUNED_LR_FILE
+            from raykd.recipes import tune_learning_rates
 
             tuned = tune_learning_rates(config, out, storage=args.storage, cache_dir=args.cache_dir)
     except (ConfigError, FileNotFoundError) as error:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import raykd.calibration
-from raykd import sweep
+from raykd import plan, recipes
 from raykd.calibration import rate_from_curve
 from raykd.config import ConfigError, load_config
 from raykd.data.stream import unique_examples_for
@@ -33,16 +33,16 @@ def test_the_rate_leaves_out_the_warmup_steps():
 def test_device_seconds_pools_are_sized_from_the_rate():
     config = device_seconds_config()
     tokens_per_step = config.train.per_worker_batch * config.train.workers * META["seq_len"]  # 1024
-    assert sweep.scratch_tokens(config, 20, META, 1000.0) == (20 * 1000 // tokens_per_step) * tokens_per_step
-    cells = sweep.plan_cells(config, META, 1000.0)
-    big = [c for c in cells if c["budget"] == 40][0]
-    assert big["scratch_tokens"] == (40 * 1000 // tokens_per_step) * tokens_per_step
-    assert big["unique_examples"] == unique_examples_for(big["scratch_tokens"], config.repetitions[0], META["seq_len"])
+    assert plan.scratch_tokens(config, 20, META, 1000.0) == (20 * 1000 // tokens_per_step) * tokens_per_step
+    cells = plan.plan_cells(config, META, 1000.0)
+    big = [c for c in cells if c.budget == 40][0]
+    assert big.scratch_tokens == (40 * 1000 // tokens_per_step) * tokens_per_step
+    assert big.unique_examples == unique_examples_for(big.scratch_tokens, config.repetitions[0], META["seq_len"])
 
 
 def test_a_device_seconds_pool_without_a_rate_is_refused_by_name():
     with pytest.raises(ConfigError) as error:
-        sweep.plan_cells(device_seconds_config(), META)
+        plan.plan_cells(device_seconds_config(), META)
     assert error.value.field == "train.tokens_per_device_second"
 
 
@@ -54,15 +54,15 @@ def test_the_rate_is_an_override_else_this_study_s_record_else_a_measurement(tmp
         return {"tokens_per_device_second": 1234.0, "source": "measured"}
 
     monkeypatch.setattr(raykd.calibration, "measure_tokens_per_device_second", fake_measurement)
-    monkeypatch.setattr(sweep, "start_ray", lambda config: None)
-    assert sweep.calibration(load_config("smoke"), tmp_path / "meta.json", META, "storage", "k", tmp_path) is None
-    override = sweep.calibration(device_seconds_config("train.tokens_per_device_second=5e4"), tmp_path / "meta.json",
+    monkeypatch.setattr(recipes, "start_ray", lambda config: None)
+    assert recipes.calibration(load_config("smoke"), tmp_path / "meta.json", META, "storage", "k", tmp_path) is None
+    override = recipes.calibration(device_seconds_config("train.tokens_per_device_second=5e4"), tmp_path / "meta.json",
                                  META, "storage", "k", tmp_path)
     assert override == {"tokens_per_device_second": 5e4, "source": "config:train.tokens_per_device_second"}
     assert not measured
     config = device_seconds_config()
-    (tmp_path / sweep.STUDY_FILE).write_text(json.dumps({"key": "k", "calibration": {"tokens_per_device_second": 99.0}}))
-    assert sweep.calibration(config, tmp_path / "meta.json", META, "storage", "k", tmp_path) == {"tokens_per_device_second": 99.0}
+    (tmp_path / recipes.STUDY_FILE).write_text(json.dumps({"key": "k", "calibration": {"tokens_per_device_second": 99.0}}))
+    assert recipes.calibration(config, tmp_path / "meta.json", META, "storage", "k", tmp_path) == {"tokens_per_device_second": 99.0}
     assert not measured  # a resumed study keeps the rate its pools were sized with
-    fresh = sweep.calibration(config, tmp_path / "meta.json", META, "storage", "another-key", tmp_path)
+    fresh = recipes.calibration(config, tmp_path / "meta.json", META, "storage", "another-key", tmp_path)
     assert fresh["tokens_per_device_second"] == 1234.0 and len(measured) == 1

@@ -8,7 +8,6 @@ process and 2 workers on Ray Train, and a trial killed mid-run and restored
 from its checkpoint ends where the uninterrupted one does.
 """
 import itertools
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from transformers import AutoModelForMaskedLM
 
 from raykd.budget import BudgetMeter
 from raykd.data.stream import validation_batches
-from raykd.ray_train import TrialSpec, _build, run_pretraining
+from raykd.ray_train import TrialSpec, build_trial, run_pretraining
 from raykd.teacher import ColocatedTeacher, LocalTeacher
 from raykd.train import StudentStep, derived_seed, make_optimizer, pretrain
 from test_ray_train import corpus, run_and_kill, spec_for  # noqa: F401  (corpus is a fixture)
@@ -30,26 +29,27 @@ IN_PROCESS_STEPS = 6
 def train_in_process(spec: TrialSpec, process_seed: int, seeded: bool = True) -> tuple[list[float], dict]:
     """One worker's loop, in this process, after putting the process RNG in state `process_seed`."""
     torch.manual_seed(process_seed)  # as if another process, with its own history, ran the trial
-    student, strategy = _build(spec)
+    config, cell, train = spec.config, spec.cell, spec.config.train
+    student, strategy = build_trial(spec)
     step_module = StudentStep(student, strategy)
-    optimizer = make_optimizer(step_module, spec.peak_lr, tuple(spec.betas), spec.eps, spec.weight_decay)
-    meter = BudgetMeter(spec.budget, spec.budget_unit, devices=1)
+    optimizer = make_optimizer(step_module, cell.lr, tuple(train.betas), train.eps, train.weight_decay)
+    meter = BudgetMeter(cell.budget, config.budget_unit, devices=1)
     needs = strategy.teacher_needs()
     teacher = None
     if needs is not None:
         teacher = ColocatedTeacher(LocalTeacher(AutoModelForMaskedLM.from_pretrained(spec.teacher_dir), needs))
-    batches = itertools.cycle(list(validation_batches(spec.meta_path, spec.per_worker_batch, spec.seed,
-                                                      max_examples=4 * spec.per_worker_batch)))
+    batches = itertools.cycle(list(validation_batches(spec.corpus.meta_path, train.per_worker_batch, cell.seed,
+                                                      max_examples=4 * train.per_worker_batch)))
     losses = [report.loss for report in pretrain(
-        step_module, strategy, batches, meter, optimizer, peak_lr=spec.peak_lr, student_shape=spec.student_shape(),
-        teacher_shape=spec.teacher_model_shape(), vocab_size=spec.vocab_size, teacher=teacher,
-        dropout_seed=derived_seed(spec.seed, "dropout", 0) if seeded else None)]
+        step_module, strategy, batches, meter, optimizer, peak_lr=cell.lr, student_shape=config.student,
+        teacher_shape=config.teacher.shape, vocab_size=spec.corpus.vocab_size, teacher=teacher,
+        dropout_seed=derived_seed(cell.seed, "dropout", 0) if seeded else None)]
     assert len(losses) == IN_PROCESS_STEPS
     return losses, {k: v.clone() for k, v in step_module.state_dict().items()}
 
 
 def one_worker_spec(corpus, strategy):  # noqa: F811
-    return replace(spec_for(corpus, strategy, steps=IN_PROCESS_STEPS, workers=1), teacher_placement="colocated")
+    return spec_for(corpus, strategy, steps=IN_PROCESS_STEPS, workers=1, teacher_placement="colocated")
 
 
 def assert_identical(first: dict, second: dict) -> None:
@@ -87,7 +87,7 @@ def step_losses(summary: dict) -> list[tuple]:
 def two_worker_runs(ray_local, corpus, tmp_path_factory):  # noqa: F811
     """Every strategy twice on Ray Train with 2 DDP workers (4 steps each), run one after the other."""
     storage = str(tmp_path_factory.mktemp("storage"))
-    specs = {strategy: replace(spec_for(corpus, strategy, steps=4), checkpoint_every=100, audit_examples=False)
+    specs = {strategy: spec_for(corpus, strategy, steps=4, checkpoint_every=100, audit_examples=False)
              for strategy in STRATEGIES}
     return {(strategy, attempt): run_pretraining(specs[strategy], storage, f"det-{strategy}-{attempt}")
             for strategy in STRATEGIES for attempt in (1, 2)}
@@ -105,8 +105,8 @@ def test_two_workers_twice_give_bit_identical_weights_and_losses(two_worker_runs
 def test_a_trial_killed_mid_run_resumes_bit_identical(ray_local, corpus, tmp_path):  # noqa: F811
     # 60 steps, a checkpoint every 5: a tiny model's steps take milliseconds, its reports far
     # longer, so the kill (sent at the first checkpoint) lands while many reports remain.
-    spec = replace(spec_for(corpus, "tinybert", steps=60, workers=1), audit_examples=False,
-                   teacher_placement="colocated", checkpoint_every=5)
+    spec = spec_for(corpus, "tinybert", steps=60, workers=1, audit_examples=False, teacher_placement="colocated",
+                    checkpoint_every=5)
     clean = run_pretraining(spec, str(tmp_path), "clean")
     resumed, killed = run_and_kill(spec, str(tmp_path), "killed", "RayTrainWorker")
     assert killed, "no training worker was found to kill"

@@ -5,7 +5,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,14 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from raykd.config import load_config
+from raykd.config import StudyConfig, TeacherConfig, TrainConfig, load_config
 from raykd.data.meta import load_meta
 from raykd.flops import step_flops
 from raykd.models import ModelShape, build_masked_lm
-from raykd.ray_train import TrialSpec, run_pretraining
+from raykd.plan import Cell, masked_per_sequence
+from raykd.ray_train import Corpus, TrialSpec, run_pretraining
 from raykd.stages import ensure_teacher, prepare_data
 from raykd.strategies import build_strategy
-from raykd.sweep import masked_per_sequence
 
 STUDENT = ModelShape(2, 32, 2, 64)
 TEACHER = ModelShape(2, 64, 2, 128)
@@ -37,15 +36,17 @@ def corpus(raykd_cache, tmp_path_factory):
     return meta_path, meta, str(teacher_dir)
 
 
-def spec_for(corpus, strategy, steps=12, **changes):
+def spec_for(corpus, strategy, steps=12, *, teacher_placement="actor", audit_examples=True, **train):
+    """A trial of `strategy` paying for `steps` steps; `train` changes the TrainConfig fields."""
     meta_path, meta, teacher_dir = corpus
-    step = step_charge(strategy, meta, workers=changes.get("workers", 2)).total
-    return TrialSpec(strategy=strategy, budget=step * (steps + 0.5), budget_unit="flops", meta_path=str(meta_path),
-                     unique_examples=40, seed=0, student=asdict(STUDENT), vocab_size=meta["vocab_size"],
-                     seq_len=meta["seq_len"], peak_lr=1e-3, teacher_dir=teacher_dir, teacher_shape=asdict(TEACHER),
-                     teacher_actor_cpus=0.5, strategy_options={"relation_heads": 2},
-                     per_worker_batch=BATCH, checkpoint_every=3, eval_points=2, validation_examples=16,
-                     audit_examples=True, **{"workers": 2, "cpus_per_worker": 0.5, **changes})
+    train = {"workers": 2, "cpus_per_worker": 0.5, "per_worker_batch": BATCH, "checkpoint_every": 3,
+             "eval_points": 2, "validation_examples": 16, **train}
+    step = step_charge(strategy, meta, workers=train["workers"]).total
+    config = StudyConfig(student=STUDENT, strategy_options={"relation_heads": 2}, train=TrainConfig(**train),
+                         teacher=TeacherConfig(shape=TEACHER, placement=teacher_placement, actor_cpus=0.5))
+    cell = Cell(strategy, budget=step * (steps + 0.5), repetition=1.0, seed=0, unique_examples=40, lr=1e-3)
+    return TrialSpec(config, cell, Corpus.of(str(meta_path), meta), teacher_dir=teacher_dir,
+                     audit_examples=audit_examples)
 
 
 def step_charge(strategy, meta, workers):
@@ -80,7 +81,7 @@ def test_two_workers_and_a_teacher_actor_charge_the_global_step(kd_runs, corpus,
     assert summary["steps"] == 12
     assert summary["flops"] == pytest.approx(12 * charge.total)
     assert summary["teacher_flops"] == pytest.approx(12 * charge.teacher) and charge.teacher > 0
-    assert summary["flops"] <= spec.budget and spec.budget - summary["flops"] < charge.total
+    assert summary["flops"] <= spec.cell.budget and spec.cell.budget - summary["flops"] < charge.total
     assert summary["tokens"] == 12 * 2 * BATCH * corpus[1]["seq_len"]
     assert summary["device_seconds"] > 0
     assert_pass_structure(summary["example_counts"], 40, 12 * 2 * BATCH)

@@ -12,7 +12,7 @@ from raykd.config import ConfigError, load_config
 from raykd.stages import data_key
 from raykd.study_folder import (DAMAGED_DIR, LOCK_FILE, TRIALS_DIR, check_binding, finished_rows, hold,
                                 record_study, write_row)
-from raykd.sweep import number_key, trial_id
+from raykd.plan import number_key, trial_id
 
 
 def test_resume_under_another_configuration_names_every_differing_field(tmp_path):

@@ -13,7 +13,7 @@ from raykd.data.meta import load_meta
 from raykd.evaluation import TASKS
 from raykd.flops import step_flops
 from raykd.strategies import build_strategy
-from raykd.sweep import masked_per_sequence
+from raykd.plan import masked_per_sequence
 
 SPEC_COLUMNS = ["strategy", "budget", "budget_unit", "repetition", "seed", "flops", "tokens", "device_seconds",
                 "unique_tokens", "epochs", "steps", "lr", "mlm_val_loss", "glue_score", "checkpoint"]
