@@ -572,6 +572,32 @@ def _check_eval(evaluation: EvalConfig) -> None:
         raise ConfigError("eval.max_seq_len", f"must be at least 8, got {evaluation.max_seq_len}")
 
 
+def add_study_arguments(parser, default_preset: str = "local", out_help: str | None = None) -> None:
+    """The arguments the entry scripts share: --preset, --config, --cache-dir and `field=value`
+    overrides; with `out_help`, also --out (default: runs/<preset>) and --storage."""
+    parser.add_argument("--preset", default=default_preset, choices=PRESETS)
+    parser.add_argument("--config", help="YAML file overriding the preset")
+    if out_help is not None:
+        parser.add_argument("--out", help=out_help)
+        parser.add_argument("--storage", help="what every node reads and writes (corpus, tasks, teacher, checkpoints, "
+                                              "rows): a shared path or s3://..., gs://... (default: OUT/ray)")
+    parser.add_argument("--cache-dir", help="where corpus, tasks and teachers are cached "
+                                            "(default: $RAYKD_CACHE or ~/.cache/raykd)")
+    parser.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. train.lr=5e-4")
+
+
+def load_arguments(args, overrides: list[str] | None = None) -> tuple[StudyConfig, Path | None]:
+    """The configuration and output folder that `add_study_arguments`' arguments name, after every
+    check that needs no corpus and no torch (the strategies' own checks are left to the caller).
+    `overrides` replaces `args.overrides` (a script that adds its own)."""
+    config = load_config(args.preset, args.config, args.overrides if overrides is None else overrides,
+                         strategy_checks=False)
+    out = Path(args.out or f"runs/{args.preset}").resolve() if hasattr(args, "out") else None
+    check_locations(out=out, storage=getattr(args, "storage", None), cache_dir=args.cache_dir)
+    check_reachable(config)
+    return config, out
+
+
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 
 

@@ -15,34 +15,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
-                          load_config)  # noqa: E402
+from raykd.config import ConfigError, add_study_arguments, check_strategy_pairs, load_arguments  # noqa: E402
 from raykd.study_folder import check_binding, check_unlocked, hold  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", default="local", choices=PRESETS)
-    parser.add_argument("--config", help="YAML file overriding the preset")
-    parser.add_argument("--out", help="output folder (default: runs/<preset>)")
-    parser.add_argument("--storage", help="what every node reads and writes (corpus, tasks, teacher, checkpoints, "
-                                          "rows): a shared path or s3://..., gs://... (default: OUT/ray)")
-    parser.add_argument("--cache-dir", help="where corpus, tasks and teachers are cached (default: $RAYKD_CACHE or ~/.cache/raykd)")
+    add_study_arguments(parser, out_help="output folder (default: runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="complete the study in OUT; finished trials are kept")
     parser.add_argument("--verbose", action="store_true",
                         help="keep Ray Data's and transformers' progress bars and logs (off by default)")
-    parser.add_argument("overrides", nargs="*", metavar="field=value", help="config overrides, e.g. train.lr=5e-4")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
-        config = load_config(args.preset, args.config, args.overrides, strategy_checks=False)
-        out = Path(args.out or f"runs/{args.preset}").resolve()
-        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
-        check_reachable(config)
+        config, out = load_arguments(args)
         check_binding(out, config, args.resume)
         check_unlocked(out)
         check_strategy_pairs(config)  # imports torch: after every cheaper check

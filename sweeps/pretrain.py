@@ -14,19 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
-                          load_config)  # noqa: E402
+from raykd.config import ConfigError, add_study_arguments, check_strategy_pairs, load_arguments  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="smoke", choices=PRESETS)
-    parser.add_argument("--config")
+    add_study_arguments(parser, default_preset="smoke")
     parser.add_argument("--strategy", default="scratch")
     parser.add_argument("--budget", type=float, help="default: the preset's first budget")
     parser.add_argument("--repetition", type=float, help="default: the preset's first repetition")
-    parser.add_argument("--cache-dir")
-    parser.add_argument("overrides", nargs="*", metavar="field=value")
     args = parser.parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
         overrides = [f"strategies=[{args.strategy}]", *args.overrides]
@@ -34,9 +30,7 @@ def main(argv=None) -> int:
             overrides.append(f"budgets=[{args.budget!r}]")
         if args.repetition is not None:
             overrides.append(f"repetitions=[{args.repetition!r}]")
-        config = load_config(args.preset, args.config, overrides, strategy_checks=False)
-        check_locations(cache_dir=args.cache_dir)
-        check_reachable(config)
+        config, _ = load_arguments(args, overrides)
         check_strategy_pairs(config)  # imports torch: after every cheaper check
     except ConfigError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)

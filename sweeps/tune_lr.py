@@ -14,26 +14,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a plain checkout
 
-from raykd.config import (PRESETS, ConfigError, check_locations, check_reachable, check_strategy_pairs,
-                          load_config)  # noqa: E402
+from raykd.config import ConfigError, add_study_arguments, check_strategy_pairs, load_arguments  # noqa: E402
 from raykd.study_folder import check_unlocked, hold  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", default="local", choices=PRESETS)
-    parser.add_argument("--config", help="YAML file overriding the preset")
-    parser.add_argument("--out", help="output folder shared with grid.py (default: runs/<preset>)")
-    parser.add_argument("--storage", help="Ray storage: a local path or s3://... (default: OUT/ray)")
-    parser.add_argument("--cache-dir", help="corpus/teacher cache (default: $RAYKD_CACHE or ~/.cache/raykd)")
-    parser.add_argument("overrides", nargs="*", metavar="field=value")
+    add_study_arguments(parser, out_help="output folder shared with grid.py (default: runs/<preset>)")
     args = parser.parse_args(argv)
     try:  # every check that needs no corpus, before torch, transformers and Ray are imported
-        config = load_config(args.preset, args.config, args.overrides, strategy_checks=False)
-        out = Path(args.out or f"runs/{args.preset}").resolve()
-        check_locations(out=out, storage=args.storage, cache_dir=args.cache_dir)
-        check_reachable(config)
+        config, out = load_arguments(args)
         check_unlocked(out)
         check_strategy_pairs(config)  # imports torch: after every cheaper check
         with hold(out, "tune_lr.py"):
