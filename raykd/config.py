@@ -78,6 +78,7 @@ class DataConfig:
     text_column: str = "text"
     num_documents: int = 4000
     validation_documents: int = 200
+    num_words: int = 3000  # synthetic only: the lexicon's size in word types
     seq_len: int = 128
     vocab_size: int = 4096
     tokenizer: str | None = None  # None: train a WordPiece on the corpus
@@ -435,6 +436,9 @@ def _check_data(data: DataConfig) -> None:
     for name in ("num_documents", "validation_documents"):
         if getattr(data, name) < 1:
             raise ConfigError(f"data.{name}", f"must be >= 1, got {getattr(data, name)}")
+    if data.num_words < 300:
+        raise ConfigError("data.num_words", f"must be at least 300 (the tasks draw distinct words of each kind), "
+                                            f"got {data.num_words}")
     if data.seq_len < 8:
         raise ConfigError("data.seq_len", f"must be at least 8, got {data.seq_len}")
     if data.vocab_size < 64:

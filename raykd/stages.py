@@ -45,7 +45,10 @@ def data_key(data) -> str:
         for path in sorted(glob.glob(pattern)) or [pattern]:
             stat = os.stat(path)
             files.append((stat.st_size, stat.st_mtime_ns, file_digest(path)))
-    return config_hash(asdict(data), files, _generator(data.source))
+    fields = asdict(data)
+    if data.source != "synthetic":
+        del fields["num_words"]  # shapes only the synthetic language: file and hub corpora keep their keys
+    return config_hash(fields, files, _generator(data.source))
 
 
 def file_digest(path: str | Path) -> str:
@@ -83,7 +86,7 @@ def _generator(source: str) -> int | None:
 
 def _prepare_corpus(out: Path, source: str, data) -> Path:
     return prepare_corpus(out, source, seed=data.seed, num_documents=data.num_documents,
-                          validation_documents=data.validation_documents, seq_len=data.seq_len,
+                          validation_documents=data.validation_documents, num_words=data.num_words, seq_len=data.seq_len,
                           vocab_size=data.vocab_size, tokenizer=data.tokenizer, text_column=data.text_column,
                           data_files=data.data_files, dataset_name=data.dataset_name,
                           dataset_config=data.dataset_config)
@@ -100,11 +103,11 @@ def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
     if config.eval.data_dir is not None:
         return Path(config.eval.data_dir)
     evaluation = config.eval
-    out = cache_dir / f"tasks-{config_hash(config.data.seed, evaluation.train_examples, evaluation.validation_examples, sorted(embedded), _generator('synthetic'))}"
+    out = cache_dir / f"tasks-{config_hash(config.data.seed, config.data.num_words, evaluation.train_examples, evaluation.validation_examples, sorted(embedded), _generator('synthetic'))}"
     if not out.exists():
         staging = _staging(out)
         write_tasks(staging, seed=config.data.seed, train_size=evaluation.train_examples,
-                    validation_size=evaluation.validation_examples, tasks=embedded)
+                    validation_size=evaluation.validation_examples, tasks=embedded, num_words=config.data.num_words)
         _publish(staging, out)
     return out
 

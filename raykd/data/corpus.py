@@ -23,7 +23,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.data.synthetic import SyntheticLanguage
+from raykd.data.synthetic import DEFAULT_NUM_WORDS, SyntheticLanguage
 from raykd.io import atomic_path
 
 SOURCES = ("synthetic", "files", "datasets")
@@ -32,13 +32,13 @@ _BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json",
 _WRITE_BATCH = 1000
 
 
-def synthetic_texts(seed: int, start: int, count: int) -> Iterator[str]:
-    """Texts of synthetic documents start .. start+count-1."""
-    return (doc.text for doc in SyntheticLanguage(seed).documents(start, count))
+def synthetic_texts(seed: int, start: int, count: int, num_words: int = DEFAULT_NUM_WORDS) -> Iterator[str]:
+    """Texts of synthetic documents start .. start+count-1 (a lexicon of about num_words word types)."""
+    return (doc.text for doc in SyntheticLanguage(seed, num_words).documents(start, count))
 
 
 def write_synthetic_corpus(out_dir: str | Path, seed: int, num_documents: int,
-                           validation_documents: int) -> dict[str, Path]:
+                           validation_documents: int, num_words: int = DEFAULT_NUM_WORDS) -> dict[str, Path]:
     """Write the synthetic train/validation documents as Parquet files with a
     "text" column; return {split: path}."""
     out_dir = Path(out_dir)
@@ -49,7 +49,7 @@ def write_synthetic_corpus(out_dir: str | Path, seed: int, num_documents: int,
         path = out_dir / f"synthetic-{split}.parquet"
         schema = pa.schema([("text", pa.string())])
         with atomic_path(path) as staging, pq.ParquetWriter(staging, schema) as writer:
-            texts = synthetic_texts(seed, start, count)
+            texts = synthetic_texts(seed, start, count, num_words)
             for lo in range(0, count, _WRITE_BATCH):
                 batch = [next(texts) for _ in range(min(_WRITE_BATCH, count - lo))]
                 writer.write_table(pa.table({"text": batch}, schema=schema))
@@ -107,6 +107,7 @@ def _text_only(ds: datasets.Dataset, text_column: str, what: str) -> datasets.Da
 
 
 def check_source(source: str, *, seed: int, num_documents: int | None, validation_documents: int,
+                 num_words: int = DEFAULT_NUM_WORDS,
                  data_files=None, dataset_name: str | None = None) -> None:
     """Refuse a bad corpus specification before any work, naming the field or file."""
     if source not in SOURCES:
@@ -118,7 +119,7 @@ def check_source(source: str, *, seed: int, num_documents: int | None, validatio
     if source == "synthetic":
         if num_documents is None:
             raise ValueError("num_documents is required for the synthetic corpus")
-        SyntheticLanguage(seed)  # validates the seed
+        SyntheticLanguage(seed, num_words)  # validates the seed and the lexicon size
     elif source == "files":
         if data_files is None:
             raise ValueError("data_files is required for corpus source 'files'")
@@ -128,7 +129,7 @@ def check_source(source: str, *, seed: int, num_documents: int | None, validatio
 
 
 def load_corpus(source: str = "synthetic", *, seed: int = 0, num_documents: int | None = None,
-                validation_documents: int = 200, text_column: str = "text",
+                validation_documents: int = 200, num_words: int = DEFAULT_NUM_WORDS, text_column: str = "text",
                 data_files: str | list[str] | dict | None = None, dataset_name: str | None = None,
                 dataset_config: str | None = None, split: str = "train", work_dir: str | Path | None = None,
                 cache_dir: str | Path | None = None) -> datasets.DatasetDict:
@@ -140,12 +141,12 @@ def load_corpus(source: str = "synthetic", *, seed: int = 0, num_documents: int 
     the train split is the first num_documents of the rest (None = all).
     """
     check_source(source, seed=seed, num_documents=num_documents, validation_documents=validation_documents,
-                 data_files=data_files, dataset_name=dataset_name)
+                 num_words=num_words, data_files=data_files, dataset_name=dataset_name)
     cache = None if cache_dir is None else str(cache_dir)
     if source == "synthetic":
         if work_dir is None:
             raise ValueError("work_dir is required for the synthetic corpus (its files are written there)")
-        paths = write_synthetic_corpus(work_dir, seed, num_documents, validation_documents)
+        paths = write_synthetic_corpus(work_dir, seed, num_documents, validation_documents, num_words)
         source, data_files, text_column = "files", {k: [str(v)] for k, v in paths.items()}, "text"
     if source == "files":
         builder, files = resolve_data_files(data_files)

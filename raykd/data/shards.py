@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from raykd.data.corpus import VALIDATION_DOCUMENT_OFFSET, check_source, load_corpus
 from raykd.data.meta import META_FILE, SPLITS, check_corpus, load_meta
-from raykd.data.synthetic import SyntheticLanguage
+from raykd.data.synthetic import DEFAULT_NUM_WORDS, SyntheticLanguage
 from raykd.data.tokenizer import load_tokenizer, special_ids, train_wordpiece
 from raykd.io import atomic_path, atomic_write_text
 
@@ -116,7 +116,7 @@ def _params(**kwargs) -> dict:
 
 
 def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int, num_documents: int | None,
-                   validation_documents: int, seq_len: int = 128,
+                   validation_documents: int, num_words: int = DEFAULT_NUM_WORDS, seq_len: int = 128,
                    vocab_size: int = 8192, tokenizer: str | None = None, text_column: str = "text",
                    data_files: str | list[str] | dict | None = None, dataset_name: str | None = None,
                    dataset_config: str | None = None, dataset_split: str = "train",
@@ -134,7 +134,7 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
     """
     out_dir = Path(out_dir)
     check_source(source, seed=seed, num_documents=num_documents, validation_documents=validation_documents,
-                 data_files=data_files, dataset_name=dataset_name)
+                 num_words=num_words, data_files=data_files, dataset_name=dataset_name)
     for name, value, low in (("seq_len", seq_len, 8), ("vocab_size", vocab_size, 64),
                              ("examples_per_shard", examples_per_shard, 1)):
         if not isinstance(value, int) or value < low:
@@ -142,7 +142,9 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
     params = _params(source=source, seed=seed, num_documents=num_documents, validation_documents=validation_documents,
                      seq_len=seq_len, vocab_size=vocab_size, tokenizer=tokenizer, text_column=text_column,
                      data_files=data_files, dataset_name=dataset_name, dataset_config=dataset_config,
-                     dataset_split=dataset_split, examples_per_shard=examples_per_shard)
+                     dataset_split=dataset_split, examples_per_shard=examples_per_shard,
+                     # The lexicon size shapes only the synthetic language.
+                     **({"num_words": num_words} if source == "synthetic" else {}))
     meta_path = out_dir / META_FILE
     if meta_path.exists():
         recorded = json.loads(meta_path.read_text()).get("params")
@@ -157,6 +159,7 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
         # Local sources are converted to Arrow in a temporary cache; hub datasets use the usual HF cache.
         cache_dir = None if source == "datasets" else Path(work) / "hf_cache"
         corpus = load_corpus(source, seed=seed, num_documents=num_documents, validation_documents=validation_documents,
+                             num_words=num_words,
                              text_column=text_column, data_files=data_files, dataset_name=dataset_name,
                              dataset_config=dataset_config, split=dataset_split, work_dir=work, cache_dir=cache_dir)
         tokenizer_dir = out_dir / TOKENIZER_DIR
@@ -186,7 +189,7 @@ def prepare_corpus(out_dir: str | Path, source: str = "synthetic", *, seed: int,
 
 def _describe(params: dict) -> dict:
     if params["source"] == "synthetic":
-        lang = SyntheticLanguage(params["seed"])
+        lang = SyntheticLanguage(params["seed"], params["num_words"])
         n, v = params["num_documents"], params["validation_documents"]
         return {"source": "synthetic", "seed": params["seed"], "num_words": lang.num_words,
                 "num_topics": lang.num_topics, "train_document_ids": [0, n],

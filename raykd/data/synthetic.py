@@ -32,7 +32,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 # Bumped whenever a change alters what `SyntheticLanguage(seed)` generates: cached corpora and
 # tasks are keyed by it, so an old cache is never mistaken for the current language.
-LANGUAGE_VERSION = 2
+LANGUAGE_VERSION = 3
 
 # Determiners: word, agrees with singular, agrees with plural, weight, upward
 # monotone. Only upward-monotone determiners keep "drop a modifier" entailments
@@ -64,8 +64,11 @@ ANY_CLASS = NUM_NOUN_CLASSES
 SYNONYM_RATE = 0.2     # share of content concepts written with two interchangeable words
 HOMOGRAPH_RATE = 0.1   # share of verbs spelled like a noun ("walk" / "walks")
 TRANSITIVE_RATE = 0.6  # share of verb concepts that take an object
-TOPIC_SHARE = 0.12     # chance that a content concept is boosted in a given topic
-TOPIC_BOOST = 8.0      # weight factor of a boosted concept within its topic
+# Topics: a document's content words come mostly (about 19 in 20 with the defaults) from the
+# concepts its topic boosts, as real documents keep to a field. Strong topics are structure a
+# small model learns quickly from the words around a gap (bench/learnability.py).
+TOPIC_SHARE = 0.125    # chance that a content concept is boosted in a given topic
+TOPIC_BOOST = 200.0    # weight factor of a boosted concept within its topic
 ZIPF_EXPONENT = 1.0
 SELECTION_RATE = 0.8   # chance that a noun/adjective follows the selectional class
 # Within a document, chance that a content word repeats a concept the document already used
@@ -84,6 +87,7 @@ SUBJECT_MODIFIER = (0.25, 0.15)         # P(prepositional phrase), P(relative cl
 OBJECT_MODIFIER = (0.15, 0.05)
 P_OBJECT_RELATIVE = 0.4                 # "the dog that the cats chase" vs "the dog that chases ..."
 SENTENCES_PER_DOCUMENT = (6, 14)        # inclusive range, mean 10
+DEFAULT_NUM_WORDS = 3000                # target number of word types (`data.num_words`)
 
 _ONSETS = tuple("bdfgklmnprstvz") + ("sh", "ch", "tr", "pl", "gr")
 _VOWELS = tuple("aeiou") + ("ai", "ou")
@@ -201,11 +205,11 @@ def _zipf(n: int) -> list[float]:
 class SyntheticLanguage:
     """The seeded language: lexicon, grammar, topics, generator and parser."""
 
-    def __init__(self, seed: int = 0, num_words: int = 3000, num_topics: int = 8):
+    def __init__(self, seed: int = 0, num_words: int = DEFAULT_NUM_WORDS, num_topics: int = 8):
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        if num_words < 300:
-            raise ValueError(f"num_words must be >= 300, got {num_words}")
+        if not isinstance(num_words, int) or num_words < 300:
+            raise ValueError(f"num_words must be an int >= 300, got {num_words!r}")
         if not 2 <= num_topics <= 64:
             raise ValueError(f"num_topics must be in [2, 64], got {num_topics}")
         self.seed, self.num_words, self.num_topics = seed, num_words, num_topics

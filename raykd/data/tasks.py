@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raykd.data.synthetic import (
-    DETERMINERS, PREPOSITIONS, Clause, NounPhrase, PrepPhrase, Relative, Sentence, SyntheticLanguage)
+    DEFAULT_NUM_WORDS, DETERMINERS, PREPOSITIONS, Clause, NounPhrase, PrepPhrase, Relative, Sentence, SyntheticLanguage)
 from raykd.io import atomic_write_text
 
 TASK_DOCUMENT_OFFSET = 2 * 10 ** 12  # pretraining uses ids below 10**12, its validation 10**12..
@@ -422,10 +422,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_tasks(out_dir: str | Path, seed: int, train_size: int, validation_size: int,
-                tasks: list[str] | None = None) -> dict[str, Path]:
+                tasks: list[str] | None = None, num_words: int = DEFAULT_NUM_WORDS) -> dict[str, Path]:
     """Write out_dir/<task>/{train,validation}.jsonl for each task; return
-    {task: its directory}. The language is SyntheticLanguage(seed): use the
-    same seed as the pretraining corpus, or the tasks speak another language."""
+    {task: its directory}. The language is SyntheticLanguage(seed, num_words): use the
+    same seed and lexicon size as the pretraining corpus, or the tasks speak another language."""
     tasks = list(TASKS) if tasks is None else list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -433,7 +433,7 @@ def write_tasks(out_dir: str | Path, seed: int, train_size: int, validation_size
     for name, size in (("train_size", train_size), ("validation_size", validation_size)):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"{name} must be a positive int, got {size!r}")
-    lang = SyntheticLanguage(seed)
+    lang = SyntheticLanguage(seed, num_words)
     if lang.num_topics != TASKS["syn_topic"].num_labels:
         raise ValueError("syn_topic's num_labels must equal the language's num_topics")
     out: dict[str, Path] = {}
