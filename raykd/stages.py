@@ -153,12 +153,14 @@ def publish_folder(folder: Path, stage: str, storage_path: str) -> str:
 
 
 def teacher_key(config: StudyConfig, meta_path: Path) -> str:
-    """What identifies a self-pretrained teacher: its shape, budget, LR, the data and the batch."""
+    """What identifies a self-pretrained teacher: its shape, budget, LR, the data, the batch and the
+    dropout it trained with."""
     teacher = config.teacher
     data_params = load_meta(meta_path)["params"]
     corpus = Path(meta_path).parent.name  # data-<data_key>: the corpus content, not only its parameters
     return config_hash(asdict(teacher.shape), teacher.budget, teacher.budget_unit, teacher.lr, data_params, corpus,
-                       config.train.per_worker_batch, config.train.workers, config.data.mask_prob, config.data.seed)
+                       config.train.per_worker_batch, config.train.workers, config.data.mask_prob, config.data.seed,
+                       config.train.dropout)
 
 
 def ensure_teacher(config: StudyConfig, meta_path: Path, cache_dir: Path, storage_path: str) -> tuple[str, bool]:

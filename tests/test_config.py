@@ -46,6 +46,8 @@ def test_file_and_overrides_apply_in_order(tmp_path):
     (["data.source=files", "data.data_files=[/no/such/corpus.txt]"], "data.data_files"),
     (["data.source=hub"], "data.dataset_name"),
     (["data.mask_prob=0"], "data.mask_prob"),
+    (["data.num_words=299"], "data.num_words"),
+    (["data.num_words=many"], "data.num_words"),
     (["train.per_worker_batch=0"], "train.per_worker_batch"),
     (["train.lr=0"], "train.lr"),
     (["train.precision=fp8"], "train.precision"),

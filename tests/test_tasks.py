@@ -185,3 +185,38 @@ def test_sts_labels_count_shared_parts_of_the_sentences(task_dir, lang):
         expected = (noun_part(a.subject, b.subject) + (a.verb == b.verb) + noun_part(a.object, b.object)
                     + location + (a.manner == b.manner))
         assert r["label"] == expected, r
+
+
+def test_a_smaller_lexicon_reaches_the_corpus_and_the_tasks_alike(tmp_path):
+    """data.num_words shapes one language: the prepared corpus and the tasks both speak it."""
+    from raykd.data.meta import load_meta
+    from raykd.data.shards import prepare_corpus
+
+    small = SyntheticLanguage(seed=3, num_words=400)
+    assert len(small.vocabulary) < len(SyntheticLanguage(seed=3).vocabulary) / 3
+    meta_path = prepare_corpus(tmp_path / "corpus", seed=3, num_documents=60, validation_documents=10,
+                               num_words=400, seq_len=32, vocab_size=1024)
+    meta = load_meta(meta_path)
+    assert meta["corpus"]["num_words"] == 400 and meta["params"]["num_words"] == 400
+    from transformers import AutoTokenizer
+    import pyarrow.parquet as pq
+    from raykd.data.shards import shard_paths
+    tokenizer = AutoTokenizer.from_pretrained(str(meta_path.parent / meta["tokenizer"]))
+    ids = pq.read_table(shard_paths(meta, "train")[0]).column("input_ids").to_pylist()
+    words = []
+    for piece in tokenizer.convert_ids_to_tokens([i for row in ids for i in row]):
+        if piece.startswith("##") and words:
+            words[-1] += piece[2:]
+        elif piece not in tokenizer.all_special_tokens:
+            words.append(piece)
+    corpus_words = set(words)
+    assert corpus_words and corpus_words <= set(small.vocabulary), sorted(corpus_words - set(small.vocabulary))[:5]
+    write_tasks(tmp_path / "tasks", seed=3, train_size=20, validation_size=5, tasks=["syn_topic", "syn_nli"],
+                num_words=400)
+    for task, fields in (("syn_topic", ("sentence",)), ("syn_nli", ("sentence1", "sentence2"))):
+        rows = _rows(tmp_path / "tasks", task)
+        words = {w for r in rows for f in fields for w in r[f].split()}
+        assert words <= set(small.vocabulary), sorted(words - set(small.vocabulary))[:5]
+    with pytest.raises(ValueError, match="already prepared|other parameters"):
+        prepare_corpus(tmp_path / "corpus", seed=3, num_documents=60, validation_documents=10,
+                       num_words=500, seq_len=32, vocab_size=1024)
