@@ -199,7 +199,7 @@ def _validation(step_module, teacher, spec: TrialSpec, rank: int, device, precis
         return {"mlm_val_loss": math.nan, "val_loss": math.nan}
     train = spec.config.train
     batches = validation_batches(spec.corpus.meta_path, train.per_worker_batch, spec.cell.seed,
-                                 max_examples=train.validation_examples)
+                                 max_examples=train.validation_examples, mask_prob=spec.config.data.mask_prob)
     return validation_losses(step_module, (_to(b, device) for b in batches), teacher, precision)
 
 

@@ -168,3 +168,23 @@ def test_the_teacher_stage_is_cached_and_reused(ray_local, tmp_path):
     record = json.loads((Path(first).parent / "teacher.json").read_text())
     assert record["steps"] > 0 and record["flops"] <= 2e10
     other = load_config("smoke", overrides=["teacher.budget=3e10"])
+
+
+def test_student_validation_masks_at_the_configured_rate(corpus):
+    """A trial's MLM validation loss uses data.mask_prob, as its training batches and the controls do."""
+    from dataclasses import replace
+
+    from raykd.data.stream import validation_batches
+    from raykd.ray_train import _validation
+    from raykd.train import StudentStep, validation_losses
+
+    meta_path, meta, _ = corpus
+    spec = spec_for(corpus, "scratch")
+    at_30 = replace(spec, config=replace(spec.config, data=replace(spec.config.data, mask_prob=0.3)))
+    step = StudentStep(build_masked_lm(STUDENT, meta["vocab_size"], meta["seq_len"], seed=0),
+                       build_strategy("scratch", STUDENT, None, {}))
+    cpu = torch.device("cpu")
+    reported = _validation(step, None, at_30, 0, cpu, "fp32")["mlm_val_loss"]
+    expected = validation_losses(step, validation_batches(meta_path, BATCH, 0, max_examples=16, mask_prob=0.3))
+    assert reported == pytest.approx(expected["mlm_val_loss"], rel=1e-6)
+    assert reported != pytest.approx(_validation(step, None, spec, 0, cpu, "fp32")["mlm_val_loss"], rel=1e-6)
