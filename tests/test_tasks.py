@@ -220,3 +220,12 @@ def test_a_smaller_lexicon_reaches_the_corpus_and_the_tasks_alike(tmp_path):
     with pytest.raises(ValueError, match="already prepared|other parameters"):
         prepare_corpus(tmp_path / "corpus", seed=3, num_documents=60, validation_documents=10,
                        num_words=500, seq_len=32, vocab_size=1024)
+
+
+def test_a_topic_that_favours_one_word_of_a_kind_still_yields_near_misses(tmp_path):
+    """With 400 words and data.seed 1 a topic favours a single adverb: a changed part is then drawn
+    from the other topics (this raised "the lexicon is too small" before)."""
+    write_tasks(tmp_path, seed=1, train_size=300, validation_size=400, tasks=["syn_para", "syn_nli", "syn_sts"],
+                num_words=400)
+    rows = _rows(tmp_path, "syn_para", "validation")
+    assert len(rows) == 400 and {r["label"] for r in rows} == {0, 1}

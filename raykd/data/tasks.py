@@ -160,12 +160,15 @@ def _pair_clause(lang: SyntheticLanguage, rng: random.Random, topic: int, *, ric
     return _vary_surface(Clause(subject, verb, obj, location, manner), rng)
 
 
-def _other(draw, current):
-    """A fresh draw that differs from current."""
-    for _ in range(100):
-        value = draw()
-        if value != current:
-            return value
+def _other(draw, current, topic: int | None = None, num_topics: int = 1):
+    """A fresh draw, `draw(topic)`, that differs from current. A topic may favour a single word of
+    a kind (a small lexicon, strong topics): then the other topics are tried in turn."""
+    topics = [None] if topic is None else [(topic + k) % num_topics for k in range(num_topics)]
+    for t in topics:
+        for _ in range(100):
+            value = draw(t)
+            if value != current:
+                return value
     raise RuntimeError("could not draw a different value; the lexicon is too small")
 
 
@@ -177,12 +180,14 @@ def _agreeing_det(lang: SyntheticLanguage, rng: random.Random, det: str, plural:
 def _change_np(lang: SyntheticLanguage, rng: random.Random, topic: int, np: NounPhrase, full: bool) -> NounPhrase:
     """full: another noun; otherwise the same noun with another number or adjective."""
     if full:
-        return np._replace(noun=_other(lambda: lang.draw_noun(rng, topic, lang.noun_class[np.noun]), np.noun))
+        return np._replace(noun=_other(lambda t: lang.draw_noun(rng, t, lang.noun_class[np.noun]), np.noun,
+                                       topic, lang.num_topics))
     if rng.random() < 0.5:
         return np._replace(plural=not np.plural, det=_agreeing_det(lang, rng, np.det, not np.plural))
     if np.adjectives and rng.random() < 0.5:
         return np._replace(adjectives=np.adjectives[1:])
-    new = _other(lambda: lang.draw_adjective(rng, topic, np.noun), np.adjectives[0] if np.adjectives else None)
+    new = _other(lambda t: lang.draw_adjective(rng, t, np.noun), np.adjectives[0] if np.adjectives else None,
+                 topic, lang.num_topics)
     return np._replace(adjectives=(new,) + np.adjectives[1:])
 
 
@@ -192,7 +197,7 @@ def _change_location(lang: SyntheticLanguage, rng: random.Random, topic: int, pp
         return lang.sample_pp(rng, topic, upward_only=True)
     if full:
         return pp._replace(np=_change_np(lang, rng, topic, pp.np, full=True))
-    return pp._replace(prep=_other(lambda: int(rng.random() * len(PREPOSITIONS)), pp.prep))
+    return pp._replace(prep=_other(lambda _: int(rng.random() * len(PREPOSITIONS)), pp.prep))
 
 
 def _change_part(lang: SyntheticLanguage, rng: random.Random, topic: int, clause: Clause, part: str,
@@ -204,11 +209,13 @@ def _change_part(lang: SyntheticLanguage, rng: random.Random, topic: int, clause
         return clause._replace(object=_change_np(lang, rng, topic, clause.object, full))
     if part == "verb":
         transitive = lang.verb_transitive[clause.verb]
-        return clause._replace(verb=_other(lambda: lang.draw_verb(rng, topic, transitive), clause.verb))
+        return clause._replace(verb=_other(lambda t: lang.draw_verb(rng, t, transitive), clause.verb,
+                                           topic, lang.num_topics))
     if part == "location":
         return clause._replace(location=_change_location(lang, rng, topic, clause.location, full))
     if part == "manner":
-        return clause._replace(manner=_other(lambda: lang.draw_adverb(rng, topic), clause.manner))
+        return clause._replace(manner=_other(lambda t: lang.draw_adverb(rng, t), clause.manner,
+                                             topic, lang.num_topics))
     if part == "roles":
         return clause._replace(subject=clause.object, object=clause.subject)
     raise ValueError(f"unknown part {part!r}")
@@ -350,11 +357,11 @@ def _non_entailed(lang: SyntheticLanguage, rng: random.Random, topic: int, premi
     target = targets[int(rng.random() * len(targets))]
     if target in ("subject", "object"):
         np = getattr(base, target)
-        new = _other(lambda: lang.draw_adjective(rng, topic, np.noun), None)
+        new = _other(lambda t: lang.draw_adjective(rng, t, np.noun), None, topic, lang.num_topics)
         return base._replace(**{target: np._replace(adjectives=np.adjectives + (new,))})
     if target == "location":
         return base._replace(location=_change_location(lang, rng, topic, premise.location, full=True))
-    return base._replace(manner=_other(lambda: lang.draw_adverb(rng, topic), premise.manner))
+    return base._replace(manner=_other(lambda t: lang.draw_adverb(rng, t), premise.manner, topic, lang.num_topics))
 
 
 def _nli_row(lang: SyntheticLanguage, doc_id: int, rng: random.Random, entailed: bool) -> dict | None:
