@@ -7,8 +7,8 @@ from raykd.stages import teacher_key
 
 def test_the_teacher_key_of_a_configuration_does_not_change(tmp_path):
     """A changed key would orphan every user's cached teacher: the hashed content is pinned here
-    (566f38b's value was e97bf51c7927ded0; the key has included train.dropout since 1c01911's
-    successor, because a teacher trained with other dropout is another teacher)."""
+    (566f38b's value was e97bf51c7927ded0; the key has included train.dropout since 4f93885,
+    because a teacher trained with other dropout is another teacher)."""
     corpus = tmp_path / "data-0123456789abcdef"
     (corpus / "tokenizer").mkdir(parents=True)
     empty = {"num_examples": 0, "num_tokens": 0, "shards": []}
