@@ -37,11 +37,20 @@ def main() -> int:
 
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     preset_words = load_config("local").data.num_words
+    def overrides(words: int) -> list[str]:
+        # 1000 held-out documents (about 1500 sequences, 30k masked tokens): losses to a few hundredths of a nat.
+        return [f"data.num_words={words}", "data.validation_documents=1000", "train.validation_examples=1024",
+                *([f"data.num_documents={args.documents}"] if args.documents is not None else [])]
+
+    try:  # every lexicon size and --documents checked before any corpus is built
+        for words in args.words:
+            load_config("local", overrides=["strategies=[scratch]", *overrides(words)])
+    except ConfigError as error:
+        print(f"learnability.py: error: {error}", file=sys.stderr)
+        return 2
     figures = {}
     for words in args.words:
-        # 1000 held-out documents (about 1500 sequences, 30k masked tokens): losses to a few hundredths of a nat.
-        data = [f"data.num_words={words}", "data.validation_documents=1000", "train.validation_examples=1024",
-                *([f"data.num_documents={args.documents}"] if args.documents else [])]
+        data = overrides(words)
         try:
             config = load_config("local", overrides=["strategies=[scratch]", "train.eval_points=1", *data])
             meta_path = prepare_data(config, cache)
