@@ -320,6 +320,52 @@ def pretraining_gain(df: pd.DataFrame, metric: str = "glue_score") -> pd.DataFra
     return pd.DataFrame(rows, columns=columns)
 
 
+def above_chance(df: pd.DataFrame, chance: dict) -> pd.DataFrame:
+    """Per task, each row of the study (a strategy in its cell, or a control) against the task's chance level.
+
+    `chance` is study.json's `chance` ({task: level}). One row per (task, cell, strategy) with the mean,
+    the 95 % CI half-width over seeds and `above`: True only when the whole interval lies above the
+    chance level. A row with one seed has no interval and is never `above`: as far as the study can
+    tell, it sits at chance.
+    """
+    tasks = [task for task in chance if task in df.columns]
+    _require(df, ["strategy"] + tasks)
+    frame = df.copy()
+    for column in CELL:
+        if column not in frame.columns:
+            frame[column] = np.nan
+    controls = frame["strategy"].isin(CONTROLS)
+    frame.loc[controls, CELL] = None  # a control's row is its own, whatever its budget columns say
+    rows = []
+    for (unit, budget, repetition, strategy), group in _ordered(frame).groupby(
+            CELL + ["strategy"], observed=True, sort=True, dropna=False):
+        for task in tasks:
+            mean, half = float(group[task].mean()), confidence_halfwidth(group[task])
+            rows.append({"task": task, "chance": float(chance[task]), "budget_unit": unit, "budget": budget,
+                         "repetition": repetition, "strategy": strategy, "mean": mean, "ci95": half,
+                         "above": bool(not np.isnan(half) and mean - half > chance[task]), "n_seeds": len(group)})
+    return pd.DataFrame(rows, columns=["task", "chance", *CELL, "strategy", "mean", "ci95", "above", "n_seeds"])
+
+
+def format_above_chance(table: pd.DataFrame) -> str:
+    """An `above_chance` table as markdown: per task, which pretrained students and which controls are
+    above chance (95 % CI clear of it)."""
+    header = ["task", "chance", "pretrained students above chance", "random_init", "teacher"]
+    rows = []
+    for task, frame in table.groupby("task", sort=False):
+        students = frame[~frame["strategy"].isin(CONTROLS)]
+        names = [f"{row.strategy}" + (f" ({_budget_label(row.budget, row.budget_unit)}, r{row.repetition:g})"
+                                      if students[["budget", "repetition"]].drop_duplicates().shape[0] > 1 else "")
+                 for row in students.itertuples() if row.above]
+        verdict = {control: ("above" if frame[frame["strategy"] == control]["above"].any() else "at chance")
+                   if (frame["strategy"] == control).any() else "–" for control in CONTROLS}
+        rows.append([task, _number(frame["chance"].iloc[0], 1),
+                     f"all {len(names)}" if names and len(names) == len(students)
+                     else f"{len(names)} of {len(students)}" + (f": {', '.join(names)}" if names else ""),
+                     verdict["random_init"], verdict["teacher"]])
+    return _markdown(header, rows)
+
+
 def format_table(table: pd.DataFrame, digits: int = 1) -> str:
     """A `paper_table` (or `control_table`) as markdown, each score written "mean ± 95 % CI half-width"."""
     metrics = [name for name in table.columns.get_level_values(0).unique() if name != "n_seeds"]
@@ -626,7 +672,10 @@ def _report_text(sweep_dir: Path, df: pd.DataFrame, figures: dict[str, Path], re
     if study.get("chance"):
         lines += ["## Chance level per task", "",
                   "What a constant prediction scores on each dev set (majority-class accuracy, MCC 0, F1 and "
-                  "accuracy of the majority answer, correlation 0).", "", chance_levels(study["chance"]), ""]
+                  "accuracy of the majority answer, correlation 0).", "", chance_levels(study["chance"]), "",
+                  "Above chance: the 95 % CI over seeds lies wholly above the task's chance level. A task on which "
+                  "no pretrained student is above chance cannot show what pretraining taught.", "",
+                  format_above_chance(above_chance(df, study["chance"])), ""]
     lines += [
         "## Scores (mean ± 95 % CI over seeds)",
         "",

@@ -94,7 +94,7 @@ def _prepare_corpus(out: Path, source: str, data) -> Path:
 
 def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
     """The embedded GLUE-shaped tasks the study evaluates on; None when it uses none."""
-    from raykd.data.tasks import write_tasks
+    from raykd.data.tasks import TASKS_VERSION, write_tasks
     from raykd.evaluation import TASKS
 
     embedded = [task for task in config.eval.tasks if TASKS[task].embedded]
@@ -103,7 +103,7 @@ def prepare_tasks(config: StudyConfig, cache_dir: Path) -> Path | None:
     if config.eval.data_dir is not None:
         return Path(config.eval.data_dir)
     evaluation = config.eval
-    out = cache_dir / f"tasks-{config_hash(config.data.seed, config.data.num_words, evaluation.train_examples, evaluation.validation_examples, sorted(embedded), _generator('synthetic'))}"
+    out = cache_dir / f"tasks-{config_hash(config.data.seed, config.data.num_words, evaluation.train_examples, evaluation.validation_examples, sorted(embedded), _generator('synthetic'), TASKS_VERSION)}"
     if not out.exists():
         staging = _staging(out)
         write_tasks(staging, seed=config.data.seed, train_size=evaluation.train_examples,

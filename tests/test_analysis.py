@@ -18,6 +18,8 @@ import scipy.stats
 
 from analysis.report import main as report_main
 from raykd.analysis import (
+    above_chance,
+    format_above_chance,
     STRATEGY_COLOURS,
     control_table,
     format_table,
@@ -305,6 +307,31 @@ def test_controls_are_tabled_apart_and_paired_against_random_init(sweep):
     difference = raw[raw.strategy == "teacher"].set_index("seed").glue_score - random_init
     assert _same(teacher["gain"], difference.mean()) and _same(teacher["gain_ci95"], _mean_ci(difference)[1])
     assert len(gain) == 1 + len(paper_table(df))
+
+
+def test_above_chance_needs_the_whole_interval_above_the_chance_level(sweep):
+    df = load_results(sweep)
+    chance = json.loads((sweep / "study.json").read_text())["chance"]
+    table = above_chance(df, chance)
+    raw = pd.read_parquet(sweep / "results.parquet")
+    checked = 0
+    for row in table.itertuples():
+        if row.strategy in ("random_init", "teacher"):
+            frame = raw[raw.strategy == row.strategy]
+        else:
+            frame = raw[(raw.strategy == row.strategy) & (raw.budget == row.budget) & (raw.repetition == row.repetition)]
+        mean, half = _mean_ci(frame[row.task])
+        assert _same(row.mean, mean) and _same(row.ci95, half)
+        assert row.above == (not np.isnan(half) and mean - half > chance[row.task])
+        checked += 1
+    assert checked == len(chance) * (len(paper_table(df)) + 2)
+    # Both verdicts occur in the fixture, and a single seed is never above chance.
+    assert table.above.any() and not table.above.all()
+    one_seed = above_chance(raw[raw.seed == raw.seed.min()], chance)
+    assert not one_seed.above.any()
+    text = format_above_chance(table)
+    for task in chance:
+        assert f"| {task} |" in text
 
 
 def test_format_table_writes_mean_plus_minus_ci():

@@ -89,15 +89,19 @@ def test_cola_labels_agree_with_the_grammar(task_dir, lang):
         assert lang.is_grammatical(r["sentence"]) == (r["label"] == 1), r
 
 
-def test_cola_corruptions_include_agreement_errors(task_dir, lang):
-    """Many corrupted sentences are repaired by changing one verb's number alone."""
+def test_cola_corruptions_are_mostly_word_order_and_include_agreement_errors(task_dir, lang):
+    """Most corrupted sentences are repaired by swapping two neighbouring words back (CORRUPTIONS:
+    three quarters word order); some by changing one verb's number alone (agreement)."""
     def flips(word):
         return ["are" if word == "is" else "is"] if word in ("is", "are") else [word + "s", word[:-1]]
 
     negatives = [r["sentence"].split() for r in _rows(task_dir, "syn_cola") if r["label"] == 0]
+    swapped = sum(any(lang.is_grammatical(w[:i] + [w[i + 1], w[i]] + w[i + 2:]) for i in range(len(w) - 1))
+                  for w in negatives)
     repaired = sum(any(lang.is_grammatical(w[:i] + [f] + w[i + 1:]) for i in range(len(w)) for f in flips(w[i])
                        if "verb" in lang.category(f) or f in ("is", "are")) for w in negatives)
-    assert repaired >= 0.2 * len(negatives)
+    assert 0.55 * len(negatives) <= swapped <= 0.9 * len(negatives)
+    assert repaired >= 0.03 * len(negatives)
 
 
 def test_topic_labels_match_topic_words(task_dir, lang):

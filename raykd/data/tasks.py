@@ -54,11 +54,16 @@ TASKS = {
     "syn_sts": TaskSpec("stsb", ("sentence1", "sentence2"), 1, "pearson_spearman"),
 }
 
-# syn_cola corruptions and their shares; each is kept only if the parser rejects it. "category" puts
-# a word of another part of speech in a content word's place: spotting it needs the category of
-# every word of the lexicon, which pretraining text teaches and a few hundred labelled rows cannot.
-CORRUPTIONS = (("agreement", 0.25), ("determiner", 0.1), ("word_order", 0.2), ("subcategorization", 0.1),
-               ("category", 0.35))
+# syn_cola corruptions and their shares; each is kept only if the parser rejects it. Word order is
+# what a small student learns from the pretraining text first: with these shares, three 2 x 64
+# students past their drop in loss scored MCC 7.6, 5.8 and 7.0 against random inits' 3.2, 0 and 4.1
+# (1000 dev rows); with agreement alone, which needs structure across a phrase, students sat at
+# chance (issue 11). "category" puts a word of another part of speech in a content word's place:
+# spotting it needs the category of every word of the lexicon, which text teaches and a few hundred
+# labelled rows cannot.
+CORRUPTIONS = (("agreement", 0.1), ("word_order", 0.75), ("category", 0.15))
+# Part of the tasks' cache key: a change to how rows are drawn is a new set of tasks.
+TASKS_VERSION = 2
 
 
 def task_document_range(task: str, split: str) -> range:
@@ -242,23 +247,11 @@ def _corrupt(lang: SyntheticLanguage, sentence: Sentence, rng: random.Random, ki
             words[i] = "is" if words[i] == "are" else "are"
         else:
             words[i] = words[i] + "s" if clause.subject.plural else words[i][:-1]
-    elif kind == "determiner":
-        positions = [j for j, w in enumerate(words) if "det" in lang.category(w)]
-        j = positions[int(rng.random() * len(positions))]
-        # A determiner that agrees with one number only; the parser decides whether it clashes.
-        words[j] = lang.draw_determiner(rng, plural=rng.random() < 0.5)
-        if words[j] == sentence.words[j]:
-            return None
     elif kind == "word_order":
         j = int(rng.random() * (len(words) - 2))
         if words[j] == words[j + 1]:
             return None
         words[j], words[j + 1] = words[j + 1], words[j]
-    elif kind == "subcategorization":
-        if clause.passive:
-            return None
-        verb = lang.draw_verb(rng, sentence.topic, not lang.verb_transitive[clause.verb])
-        words[i] = lang.verb_form(lang.verb_lemmas[verb][0], clause.subject.plural)
     elif kind == "category":
         positions = [j for j, w in enumerate(words) if lang.category(w) & {"noun", "verb", "adj", "adv"}]
         j = positions[int(rng.random() * len(positions))]
