@@ -15,11 +15,12 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raykd.config import ConfigError, StudyConfig, from_dict, validate  # noqa: E402
+from raykd.config import ConfigError, StudyConfig, check_locations, from_dict, validate  # noqa: E402
 from raykd.task_specs import TASKS  # noqa: E402
 
 EMBEDDED = [task for task, spec in TASKS.items() if spec.embedded]
@@ -31,19 +32,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=EMBEDDED, help=f"embedded tasks (default: {' '.join(EMBEDDED)})")
     parser.add_argument("--cache-dir", help="where the study's corpus is cached (default: $RAYKD_CACHE or ~/.cache/raykd)")
     args = parser.parse_args()
-    folder = Path(args.study)
-    try:  # everything checked before any fine-tuning
-        for name in ("study.json", "results.parquet"):
-            if not (folder / name).is_file():
-                raise ConfigError("study", f"{folder / name} not found: pass a finished study folder")
-        unknown = [task for task in args.tasks if task not in EMBEDDED]
-        if unknown:
-            raise ConfigError("--tasks", f"{', '.join(unknown)} not embedded tasks; known: {', '.join(EMBEDDED)}")
-        study = json.loads((folder / "study.json").read_text())
-        config = from_dict(StudyConfig, study["config"])
-        validate(config)
-        if config.data.source != "synthetic":
-            raise ConfigError("study", "the study's corpus is not the embedded language: its tasks are not embedded")
+    try:  # everything checked before any corpus, task or fine-tuning
+        config, results = _study(Path(args.study), args.tasks, args.cache_dir)
     except ConfigError as error:
         print(f"task_sensitivity.py: error: {error}", file=sys.stderr)
         return 2
@@ -53,38 +43,32 @@ def main() -> int:
     from raykd import storage as store
     from raykd.analysis import above_chance, format_above_chance
     from raykd.data.meta import load_meta
-    from raykd.data.tasks import write_tasks
-    from raykd.evaluation import chance_score, evaluate_student
     from raykd.models import build_masked_lm
-    from raykd.stages import default_cache_dir, prepare_data
+    from raykd.evaluation import evaluate_student
+    from raykd.recipes import chance_levels
+    from raykd.stages import default_cache_dir, prepare_data, prepare_tasks
+    from raykd.trainables import finetuning_options
 
-    results = pd.read_parquet(folder / "results.parquet")
-    meta_path = prepare_data(config, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    meta_path = prepare_data(config, cache)
     meta = load_meta(meta_path)
     tokenizer = str(Path(meta_path).parent / meta["tokenizer"])
-    evaluation = config.eval
+    tasks_dir = prepare_tasks(config, cache)  # the study's tasks, and the ones it left out, cached alike
+    chance = chance_levels(config, tasks_dir)
+    options = finetuning_options(config)
     started = time.time()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="raykd-tasks-") as scratch:
-        tasks_dir = Path(scratch) / "tasks"
-        write_tasks(tasks_dir, seed=config.data.seed, train_size=evaluation.train_examples,
-                    validation_size=evaluation.validation_examples, tasks=args.tasks, num_words=config.data.num_words)
-        chance = {task: chance_score(task, str(tasks_dir), max_eval_examples=evaluation.validation_examples,
-                                     seed=config.seeds[0]) for task in args.tasks}
-        options = dict(data_dir=str(tasks_dir), learning_rates=evaluation.learning_rates,
-                       batch_sizes=evaluation.batch_sizes, epochs=evaluation.epochs, max_seq_len=evaluation.max_seq_len,
-                       max_train_examples=evaluation.train_examples, max_eval_examples=evaluation.validation_examples,
-                       num_threads=config.train.num_threads, precision=config.train.precision)
+    with tempfile.TemporaryDirectory(prefix="raykd-random-init-") as scratch:
         for row in results.itertuples():
-            if row.strategy == "random_init":
-                student = Path(scratch) / f"random_init-{row.seed}"
+            if row.strategy == "random_init":  # the study keeps no weights for it: the same seed rebuilds them
+                checkpoint = Path(scratch) / f"seed-{row.seed}"
                 build_masked_lm(config.student, meta["vocab_size"], meta["seq_len"], seed=int(row.seed),
-                                dropout=config.train.dropout).save_pretrained(student)
-                checkpoint = str(student)
+                                dropout=config.train.dropout).save_pretrained(checkpoint)
             else:
                 checkpoint = row.checkpoint
             with store.local_folder(checkpoint) as local:
-                scores = evaluate_student(local, tokenizer, args.tasks, seed=int(row.seed), **options)["scores"]
+                scores = evaluate_student(local, tokenizer, args.tasks, data_dir=str(tasks_dir), seed=int(row.seed),
+                                          **options)["scores"]
             rows.append({"strategy": row.strategy, "budget_unit": row.budget_unit, "budget": row.budget,
                          "repetition": row.repetition, "seed": row.seed, **scores})
             print(f"{row.strategy:>12} seed {row.seed}: "
@@ -93,15 +77,44 @@ def main() -> int:
     print()
     print(format_above_chance(table))
     students = table[~table["strategy"].isin(["random_init", "teacher"])]
-    figures = {"study": str(folder), "seconds": round(time.time() - started, 1), "chance": chance,
-               "students_above_chance": {task: int(frame["above"].sum()) for task, frame in students.groupby("task")},
-               "students": int(students.groupby("task").size().max()),
-               "teacher_above_chance": {task: bool(frame["above"].any()) for task, frame in
-                                        table[table["strategy"] == "teacher"].groupby("task")},
-               "random_init_above_chance": {task: bool(frame["above"].any()) for task, frame in
-                                            table[table["strategy"] == "random_init"].groupby("task")}}
-    print(json.dumps(figures))
+
+    def verdicts(strategy: str) -> dict:
+        return {task: bool(frame["above"].any()) for task, frame in table[table["strategy"] == strategy].groupby("task")}
+
+    print(json.dumps({"study": args.study, "seconds": round(time.time() - started, 1), "chance": chance,
+                      "students_above_chance": {task: int(f["above"].sum()) for task, f in students.groupby("task")},
+                      "students": int(students.groupby("task").size().max()),
+                      "teacher_above_chance": verdicts("teacher"), "random_init_above_chance": verdicts("random_init")}))
     return 0
+
+
+def _study(folder: Path, tasks: list[str], cache_dir: str | None):
+    """The study's configuration (its eval.tasks replaced by `tasks`) and results; ConfigError naming the
+    argument or file that is wrong, a student checkpoint that is gone included."""
+    import pandas as pd
+
+    from raykd import storage as store
+
+    check_locations(cache_dir=cache_dir)
+    unknown = [task for task in tasks if task not in EMBEDDED]
+    if unknown:
+        raise ConfigError("--tasks", f"{', '.join(unknown)}: not embedded tasks; known: {', '.join(EMBEDDED)}")
+    for name in ("study.json", "results.parquet"):
+        if not (folder / name).is_file():
+            raise ConfigError("study", f"{folder / name} not found: pass a finished study folder")
+    try:
+        config = from_dict(StudyConfig, json.loads((folder / "study.json").read_text())["config"])
+    except (ValueError, KeyError) as error:
+        raise ConfigError("study", f"{folder / 'study.json'} is not a study's record: {error}") from None
+    if config.data.source != "synthetic":
+        raise ConfigError("study", f"{folder}: its corpus is not the embedded language, so it has no embedded tasks")
+    config = replace(config, eval=replace(config.eval, tasks=list(dict.fromkeys(tasks))))
+    validate(config)
+    results = pd.read_parquet(folder / "results.parquet")
+    for row in results.itertuples():
+        if row.strategy != "random_init" and not store.is_file(store.join(row.checkpoint, "config.json")):
+            raise ConfigError("study", f"{row.trial_id}: its student {row.checkpoint} is gone (no config.json)")
+    return config, results
 
 
 if __name__ == "__main__":

@@ -121,16 +121,19 @@ def evaluate(student_dir: str, study: StudyRun, seed: int) -> dict:
     """Fine-tune a student on every task of the study (the same code for students and controls)."""
     from raykd.evaluation import evaluate_student
 
-    evaluation, train = study.config.eval, study.config.train
     tasks_dir = store.local_copy(study.tasks_dir) if study.tasks_dir else None
     with store.local_folder(student_dir) as folder:
-        return evaluate_student(folder, store.local_copy(study.tokenizer_dir), evaluation.tasks,
-                                data_dir=tasks_dir, learning_rates=evaluation.learning_rates,
-                                batch_sizes=evaluation.batch_sizes, epochs=evaluation.epochs,
-                                max_seq_len=evaluation.max_seq_len, seed=seed,
-                                max_train_examples=evaluation.train_examples,
-                                max_eval_examples=evaluation.validation_examples,
-                                num_threads=train.num_threads, precision=train.precision)
+        return evaluate_student(folder, store.local_copy(study.tokenizer_dir), study.config.eval.tasks,
+                                data_dir=tasks_dir, seed=seed, **finetuning_options(study.config))
+
+
+def finetuning_options(config: StudyConfig) -> dict:
+    """The study's fine-tuning protocol as `evaluate_student` takes it (all but the tasks, their folder and the seed)."""
+    evaluation, train = config.eval, config.train
+    return dict(learning_rates=evaluation.learning_rates, batch_sizes=evaluation.batch_sizes, epochs=evaluation.epochs,
+                max_seq_len=evaluation.max_seq_len, max_train_examples=evaluation.train_examples,
+                max_eval_examples=evaluation.validation_examples, num_threads=train.num_threads,
+                precision=train.precision)
 
 
 def pretrain_for_tuning(trial_config: dict) -> None:

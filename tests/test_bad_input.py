@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from raykd.config import load_config
@@ -42,8 +43,9 @@ sys.exit(code)
 """
 
 SCRIPTS = {"grid": "sweeps/grid.py", "tune": "sweeps/tune_lr.py", "pretrain": "sweeps/pretrain.py",
-           "report": "analysis.report"}
-PREFIX = {"grid": "grid.py", "tune": "tune_lr.py", "pretrain": "pretrain.py", "report": "report"}
+           "report": "analysis.report", "sensitivity": "bench/task_sensitivity.py"}
+PREFIX = {"grid": "grid.py", "tune": "tune_lr.py", "pretrain": "pretrain.py", "report": "report",
+          "sensitivity": "task_sensitivity.py"}
 
 # (id, script, arguments, what the message must name: one string or several). In arguments, {files} is the
 # folder of prepared bad files (see `bad_files`).
@@ -123,6 +125,11 @@ PROBES = [
     ("report-out-is-a-file", "report", ["{files}", "--out", "{files}/a-file"], "--out"),
     ("report-missing-folder", "report", ["{files}/absent-sweep"], "absent-sweep"),
     ("report-no-results", "report", ["{files}"], "results.parquet"),
+    ("sensitivity-missing-study", "sensitivity", ["{files}/absent-study"], "absent-study"),
+    ("sensitivity-unknown-task", "sensitivity", ["{files}/gone-student", "--tasks", "syn_foo"], ("--tasks", "syn_foo")),
+    ("sensitivity-cache-dir-is-a-file", "sensitivity", ["{files}/gone-student", "--cache-dir", "{files}/a-file"],
+     "--cache-dir"),
+    ("sensitivity-student-gone", "sensitivity", ["{files}/gone-student"], ("scratch-b5.1e+12-r1-s0", "is gone")),
 ]
 
 
@@ -147,6 +154,12 @@ def bad_files(tmp_path_factory):
     write_row(study, {"trial_id": "scratch-b3e+10-r2-s0", "strategy": "scratch"})
     (files / "broken-study").mkdir()
     (files / "broken-study" / "study.json").write_text("")
+    gone = files / "gone-student"  # a finished local study whose student checkpoint was deleted
+    gone.mkdir()
+    record_study(gone, load_config("local"), key="probe")
+    pd.DataFrame([{"trial_id": "scratch-b5.1e+12-r1-s0", "strategy": "scratch", "budget_unit": "flops", "budget": 5.1e12,
+                   "repetition": 1.0, "seed": 0, "checkpoint": str(files / "deleted" / "student")}]).to_parquet(
+        gone / "results.parquet")
     return files
 
 
@@ -155,8 +168,8 @@ def _run_probe(probe, files: Path, scratch: Path) -> dict:
     tmp = scratch / name
     tmp.mkdir()
     args = [a.replace("{files}", str(files)) for a in arguments]
-    preset = [] if script == "report" or "--preset" in args else ["--preset", "smoke"]
-    out = [] if script in ("report", "pretrain") or "--out" in args else ["--out", str(tmp / "out")]
+    preset = [] if script in ("report", "sensitivity") or "--preset" in args else ["--preset", "smoke"]
+    out = [] if script in ("report", "pretrain", "sensitivity") or "--out" in args else ["--out", str(tmp / "out")]
     cache = [] if script == "report" or "--cache-dir" in args else ["--cache-dir", str(tmp / "cache")]
     env = {**os.environ, "RAY_TMPDIR": str(tmp / "ray"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
